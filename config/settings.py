@@ -1,0 +1,152 @@
+"""Django settings for the push service and its demo.
+
+Environment:
+- DATABASE_URL: Django's database (dj-database-url syntax); default SQLite in var/.
+- REDIS_URL: the Redis/Valkey server for the Redis broker; default redis://127.0.0.1:6379/0.
+- MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
+- DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
+- MYAPP_PUBLISH_TOKENS: comma-separated bearer tokens for the publish API.
+- IMPORT_STEP_SECONDS: seconds per step of the demo import job.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("MYAPP_VAR_DIR", BASE_DIR / "var"))
+
+
+def _secret_key():
+    if key := os.environ.get("DJANGO_SECRET_KEY"):
+        return key
+    # A development key kept in the git-ignored var/ so sessions survive restarts.
+    path = VAR_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(50)
+        path.write_text(key)
+        return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = os.environ.get("DJANGO_DEBUG", "") == "1"
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_tasks",
+    "django_tasks_db",
+    "myapp",
+    "worker_tasks",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # gunicorn and the task worker write at the same time: WAL lets readers go
+    # on, IMMEDIATE avoids lock upgrades that fail at once.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+else:
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)  # seconds
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "index"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+# Serve straight from the apps' static/ folders: no collectstatic step to run.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+TASKS = {
+    "default": {
+        "BACKEND": "django_tasks_db.DatabaseBackend",
+        "QUEUES": ["default"],
+    }
+}
+
+_BROKERS = {
+    "redis": {
+        "BACKEND": "myapp.brokers.redis.RedisBroker",
+        "OPTIONS": {"url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")},
+    },
+    "postgres": {"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {}},
+    "memory": {"BACKEND": "myapp.brokers.memory.MemoryBroker", "OPTIONS": {}},
+}
+MYAPP_BROKER = _BROKERS[os.environ.get("MYAPP_BROKER_BACKEND", "redis")]
+MYAPP_CHANNEL_AUTHORIZER = "myapp.demo.authorize_channel"
+MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
+if "MYAPP_HEARTBEAT_SECONDS" in os.environ:
+    MYAPP_HEARTBEAT_SECONDS = float(os.environ["MYAPP_HEARTBEAT_SECONDS"])
+if "MYAPP_RETRY_MILLISECONDS" in os.environ:
+    MYAPP_RETRY_MILLISECONDS = int(os.environ["MYAPP_RETRY_MILLISECONDS"])
+
+# The demo import job: seconds per imported row.
+IMPORT_STEP_SECONDS = float(os.environ.get("IMPORT_STEP_SECONDS", "0.5"))
+
+LOGGING = {
+    "version": 1,
+    # Keep gunicorn's own loggers alive (False silences its error log).
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "myapp": {"handlers": ["console"], "level": os.environ.get("MYAPP_LOG_LEVEL", "INFO"), "propagate": False},
+        "worker_tasks": {"handlers": ["console"], "level": "INFO", "propagate": False},
+    },
+}

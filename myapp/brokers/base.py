@@ -1,0 +1,190 @@
+"""The broker contract: what every backend (Redis, PostgreSQL, memory) provides.
+
+A broker does four things:
+
+1. ``publish``: assign the event the next position in one broker-wide order
+   (see ``myapp.ids``), add it to the channel's bounded history, and deliver
+   it to every listener subscribed to the channel, in position order.
+2. ``history``: return a channel's retained events after a position, and say
+   whether some were trimmed, so a reconnecting stream can replay what it
+   missed or learn that it must reset.
+3. ``last_position``: the newest position handed out, to start a stream.
+4. ``listener``: open one subscriber connection, owned by the process's hub
+   greenlet (``myapp.hub``); never one per browser.
+
+A broker object is created once per process (``myapp.brokers.get_broker``)
+with the keyword-only ``OPTIONS`` of ``MYAPP_BROKER``. Its constructor checks
+the options and must not do I/O: connections open on first use, after gevent
+has patched the process.
+"""
+
+from typing import NamedTuple
+
+__all__ = ["Broker", "Listener", "History", "Subscribed", "Trimmed", "HUB_CHANNEL_PREFIX"]
+
+#: Channels whose name starts with this are a hub's private control channel
+#: (position markers). ``!`` is outside the public channel charset.
+HUB_CHANNEL_PREFIX = "!hub:"
+
+
+class History(NamedTuple):
+    """What a broker retains of some channels after a position.
+
+    events: list of ``myapp.events.Event`` in ascending position, all
+        requested channels merged.
+    trimmed: frozenset of the channels that had events after the position
+        which are no longer retained (trimmed by length or age): a stream
+        resuming those channels from that position would miss events.
+    """
+
+    events: list
+    trimmed: frozenset
+
+
+class Subscribed(NamedTuple):
+    """A listener notice: the broker confirmed the subscription to ``channel``.
+
+    Events published on the channel after this notice reaches the hub are
+    delivered to the listener.
+    """
+
+    channel: str
+
+
+class Trimmed(NamedTuple):
+    """A listener notice: an event on ``channel`` was trimmed before it could be read.
+
+    Streams on the channel would have a gap, so the hub closes them; their
+    browsers reconnect and learn from the history that they must reset.
+    """
+
+    channel: str
+
+
+class Broker:
+    """Base class of the broker backends.
+
+    history_length: events kept per channel (int >= 1).
+    history_ttl: seconds an event is kept (float > 0). An id older than this
+        cannot be resumed and gets a reset (see ``myapp.stream``).
+
+    Subclasses take their own keyword-only options too and raise
+    ``myapp.exceptions.BrokerConfigurationError`` for a bad one. Every method
+    that talks to the server raises ``myapp.exceptions.BrokerUnavailable``
+    when it cannot, within the backend's timeouts.
+    """
+
+    #: False if events published in one process never reach another (the
+    #: memory backend): the system checks refuse it with several workers.
+    supports_multiple_processes = True
+
+    def __init__(self, *, history_length=1000, history_ttl=3600.0):
+        from myapp.exceptions import BrokerConfigurationError
+
+        if type(history_length) is not int or history_length < 1:
+            raise BrokerConfigurationError(
+                f"MYAPP_BROKER OPTIONS history_length must be an int >= 1 (events per channel), got {history_length!r}"
+            )
+        if not isinstance(history_ttl, (int, float)) or history_ttl <= 0:
+            raise BrokerConfigurationError(
+                f"MYAPP_BROKER OPTIONS history_ttl must be a number of seconds > 0, got {history_ttl!r}"
+            )
+        self.history_length = history_length
+        self.history_ttl = float(history_ttl)
+
+    def publish(self, channel, event_type, data, *, key=None):
+        """Publish one event and return its position (int).
+
+        channel, event_type, data: str, already validated by the caller.
+        key: an optional publisher-chosen id (str). If an event with the same
+            key was published on this channel within ``history_ttl``, publish
+            nothing and return that event's position.
+
+        Raise BrokerUnavailable if the broker cannot take the event; then it
+        was not published.
+        """
+        raise NotImplementedError
+
+    def last_position(self):
+        """Return the newest position handed out (int), 0 if none yet.
+
+        Raise BrokerUnavailable on failure.
+        """
+        raise NotImplementedError
+
+    def history(self, channels, after):
+        """Return the ``History`` of ``channels`` (iterable of str) after position ``after`` (int).
+
+        At most ``history_length`` events per channel. Raise BrokerUnavailable
+        on failure.
+        """
+        raise NotImplementedError
+
+    def listener(self, hub_channel):
+        """Open and return a new ``Listener``, already subscribed to ``hub_channel``.
+
+        hub_channel: the hub's private control channel (str starting with
+        HUB_CHANNEL_PREFIX), where ``Listener.publish_marker`` publishes.
+
+        Raise BrokerUnavailable if the connection cannot be opened.
+        """
+        raise NotImplementedError
+
+    def release(self):
+        """Give back per-greenlet resources (e.g. a database connection) after a call.
+
+        The hub calls this after it used ``history`` from its own greenlet.
+        """
+
+    def close(self):
+        """Close every connection this broker holds."""
+
+
+class Listener:
+    """One subscriber connection to the broker, owned by one hub greenlet.
+
+    Only the owning greenlet calls its methods, except ``wakeup`` which any
+    greenlet or thread may call. Every method raises BrokerUnavailable when
+    the connection is lost; the hub then closes it and opens a new one.
+    """
+
+    def subscribe(self, channels):
+        """Ask the broker to deliver the events of ``channels`` (list of str).
+
+        Returns at once; each confirmation arrives later from ``wait`` as a
+        ``Subscribed`` notice.
+        """
+        raise NotImplementedError
+
+    def unsubscribe(self, channels):
+        """Stop delivery of ``channels`` (list of str). No notice follows."""
+        raise NotImplementedError
+
+    def wait(self, timeout):
+        """Block until something arrives, ``wakeup`` is called, or ``timeout`` passes.
+
+        timeout: seconds (float), or None to wait without limit.
+
+        Return a list (possibly empty) of ``myapp.events.Event``,
+        ``Subscribed`` and ``Trimmed`` notices, in the order the broker sent
+        them.
+        """
+        raise NotImplementedError
+
+    def wakeup(self):
+        """Make a current or the next ``wait`` return promptly. Safe from any greenlet."""
+        raise NotImplementedError
+
+    def publish_marker(self):
+        """Publish an empty marker on this listener's hub channel.
+
+        It takes the next position like any event, so when it comes back from
+        ``wait`` every earlier event of the subscribed channels has arrived.
+        The hub uses it to tell live connections from dead ones and to move
+        idle streams' last event id forward.
+        """
+        raise NotImplementedError
+
+    def close(self):
+        """Close the connection. Safe to call twice."""
+        raise NotImplementedError

@@ -1,0 +1,269 @@
+"""The Redis pub/sub broker (default): fan-out across processes and hosts.
+
+Keys, under ``key_prefix`` (default ``"myapp:"``):
+
+- ``pos``: the newest position handed out, as ``"<ms>-<seq>"``;
+- ``h:<channel>``: the channel's history, a Redis stream whose entry ids are
+  the event positions, with fields ``t`` (event type), ``d`` (data) and ``p``
+  (the channel's previous position, to detect trimmed gaps). Capped at
+  ``history_length`` entries (exact ``MAXLEN``) and ``history_ttl`` seconds
+  (``XTRIM MINID``); the key expires ``history_ttl`` after the last publish;
+- ``k:<channel>:<key>``: a publisher-chosen id, kept ``history_ttl`` seconds;
+- pub/sub channel ``c:<channel>``, carrying ``"<id>\\n<event type>\\n<data>"``.
+
+One Lua script does it all (next position from the server's ``TIME``,
+history, ``PUBLISH``): scripts run atomically, so positions increase in the
+exact order in which subscribers receive messages, across all channels.
+
+Memory: a stream entry costs its data plus roughly 30-60 bytes; see
+docs/benchmarks for the measured cost per 1,000 events.
+
+Sources: redis-py 8 (``PubSub.get_message``, ``BlockingConnectionPool``),
+Redis docs for XADD/XTRIM/XRANGE (exclusive ``(`` ranges need Redis >= 6.2).
+"""
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from myapp.events import Event
+from myapp.exceptions import BrokerConfigurationError, BrokerUnavailable
+from myapp.ids import format_id, parse
+
+from ._wakeup import Waker
+from .base import Broker, History, Listener, Subscribed
+
+__all__ = ["RedisBroker"]
+
+_PUBLISH = """
+if ARGV[6] == '1' then
+  local found = redis.call('GET', KEYS[3])
+  if found then return found end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms, seq = now, 0
+local last = redis.call('GET', KEYS[1])
+if last then
+  local dash = string.find(last, '-', 1, true)
+  local last_ms = tonumber(string.sub(last, 1, dash - 1))
+  if last_ms >= now then
+    ms = last_ms
+    seq = tonumber(string.sub(last, dash + 1)) + 1
+    if seq > 4194303 then ms = ms + 1; seq = 0 end
+  end
+end
+local id = string.format('%d-%d', ms, seq)
+redis.call('SET', KEYS[1], id)
+local length = tonumber(ARGV[4])
+if length > 0 then
+  local ttl = tonumber(ARGV[5])
+  local prev = '0-0'
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if newest[1] then prev = newest[1][1] end
+  redis.call('XADD', KEYS[2], 'MAXLEN', length, id, 't', ARGV[2], 'd', ARGV[3], 'p', prev)
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', now - ttl))
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  if ARGV[6] == '1' then redis.call('SET', KEYS[3], id, 'PX', ttl) end
+end
+redis.call('PUBLISH', ARGV[1], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
+return id
+"""
+
+
+def _unavailable(error):
+    return BrokerUnavailable(f"Redis: {error.__class__.__name__}: {error}")
+
+
+class RedisBroker(Broker):
+    """Redis (or Valkey) pub/sub with a capped stream per channel as history.
+
+    url: the server, e.g. ``"redis://127.0.0.1:6379/0"`` or
+        ``"unix:///path/to/redis.sock"`` (redis-py URL syntax).
+    key_prefix: prefix of every key and pub/sub channel (str).
+    socket_timeout: seconds a command may wait for the server (float).
+    connect_timeout: seconds to open a connection (float).
+    max_connections: connections in this process's publishing pool (int);
+        the hub's subscriber connection is extra.
+    pool_timeout: seconds a publisher waits for a free pooled connection.
+    history_length, history_ttl: see ``Broker``.
+    """
+
+    def __init__(
+        self,
+        *,
+        url="redis://127.0.0.1:6379/0",
+        key_prefix="myapp:",
+        socket_timeout=5.0,
+        connect_timeout=2.0,
+        max_connections=50,
+        pool_timeout=5.0,
+        **options,
+    ):
+        super().__init__(**options)
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+            ("pool_timeout", pool_timeout),
+        ):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise BrokerConfigurationError(
+                    f"MYAPP_BROKER OPTIONS {name} must be a number of seconds > 0, got {value!r}"
+                )
+        if type(max_connections) is not int or max_connections < 1:
+            raise BrokerConfigurationError(
+                f"MYAPP_BROKER OPTIONS max_connections must be an int >= 1, got {max_connections!r}"
+            )
+        if not isinstance(key_prefix, str):
+            raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS key_prefix must be a str, got {key_prefix!r}")
+        self._connection_kwargs = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            # One retry on a fresh connection covers a pooled connection that
+            # the server closed (e.g. after a restart); no backoff keeps
+            # send_event bounded by the timeouts above.
+            "retry": Retry(NoBackoff(), 1),
+        }
+        try:
+            self._pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=pool_timeout, **self._connection_kwargs
+            )
+        except (ValueError, TypeError) as error:
+            raise BrokerConfigurationError(
+                f"MYAPP_BROKER OPTIONS url is not a redis-py URL ({error}); "
+                "use e.g. 'redis://127.0.0.1:6379/0' or 'unix:///path/to/redis.sock'"
+            ) from None
+        self.url = url
+        self.prefix = key_prefix
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._script = self._client.register_script(_PUBLISH)
+        self._ttl_ms = int(self.history_ttl * 1000)
+
+    def _run_script(self, channel_key, history_key, key_key, event_type, data, length, has_key):
+        try:
+            raw = self._script(
+                keys=[self.prefix + "pos", history_key, key_key],
+                args=[channel_key, event_type, data, length, self._ttl_ms, "1" if has_key else "0"],
+            )
+        except (redis.RedisError, OSError) as error:
+            raise _unavailable(error) from error
+        return parse(raw.decode())
+
+    def publish(self, channel, event_type, data, *, key=None):
+        history_key = self.prefix + "h:" + channel
+        key_key = self.prefix + "k:" + channel + ":" + key if key is not None else history_key
+        return self._run_script(
+            self.prefix + "c:" + channel, history_key, key_key, event_type, data, self.history_length, key is not None
+        )
+
+    def _publish_marker(self, hub_channel):
+        pos_key = self.prefix + "pos"
+        return self._run_script(self.prefix + "c:" + hub_channel, pos_key, pos_key, "marker", "", 0, False)
+
+    def last_position(self):
+        try:
+            raw = self._client.get(self.prefix + "pos")
+        except (redis.RedisError, OSError) as error:
+            raise _unavailable(error) from error
+        return parse(raw.decode()) or 0 if raw else 0
+
+    def history(self, channels, after):
+        channels = list(dict.fromkeys(channels))
+        start = "(" + format_id(after)
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for channel in channels:
+                    pipe.xrange(self.prefix + "h:" + channel, start, "+", count=self.history_length)
+                results = pipe.execute()
+        except (redis.RedisError, OSError) as error:
+            raise _unavailable(error) from error
+        events, trimmed = [], set()
+        for channel, entries in zip(channels, results, strict=True):
+            if entries and parse(entries[0][1][b"p"].decode()) > after:
+                trimmed.add(channel)
+            for raw_id, fields in entries:
+                events.append(Event(channel, parse(raw_id.decode()), fields[b"t"].decode(), fields[b"d"].decode()))
+        events.sort(key=lambda event: event.pos)
+        return History(events, frozenset(trimmed))
+
+    def listener(self, hub_channel):
+        return RedisListener(self, hub_channel)
+
+    def close(self):
+        self._pool.disconnect()
+
+
+class RedisListener(Listener):
+    def __init__(self, broker, hub_channel):
+        self._broker = broker
+        self._hub_channel = hub_channel
+        self._channel_prefix = broker.prefix + "c:"
+        self._skip = len(self._channel_prefix)
+        kwargs = dict(broker._connection_kwargs, retry=Retry(NoBackoff(), 0))
+        # Its own single connection: the hub must see every drop (redis-py
+        # would otherwise reconnect and re-subscribe behind its back).
+        self._client = redis.Redis(
+            connection_pool=redis.ConnectionPool.from_url(broker.url, max_connections=1, **kwargs)
+        )
+        self._pubsub = self._client.pubsub()
+        self._waker = Waker()
+        try:
+            self._pubsub.subscribe(self._channel_prefix + hub_channel)
+            self._fileno = self._pubsub.connection._sock.fileno()
+        except (redis.RedisError, OSError, AttributeError) as error:
+            self.close()
+            raise _unavailable(error) from error
+
+    def _command(self, method, channels):
+        names = [self._channel_prefix + channel for channel in channels]
+        try:
+            for start in range(0, len(names), 1000):
+                method(*names[start : start + 1000])
+        except (redis.RedisError, OSError) as error:
+            raise _unavailable(error) from error
+
+    def subscribe(self, channels):
+        self._command(self._pubsub.subscribe, channels)
+
+    def unsubscribe(self, channels):
+        self._command(self._pubsub.unsubscribe, channels)
+
+    def _drain(self):
+        items = []
+        get_message = self._pubsub.get_message
+        skip = self._skip
+        try:
+            while (message := get_message(timeout=0)) is not None:
+                kind = message["type"]
+                if kind == "message":
+                    raw_id, event_type, data = message["data"].decode().split("\n", 2)
+                    items.append(Event(message["channel"][skip:].decode(), parse(raw_id), event_type, data))
+                elif kind == "subscribe":
+                    items.append(Subscribed(message["channel"][skip:].decode()))
+        except (redis.RedisError, OSError, ValueError) as error:
+            raise _unavailable(error) from error
+        return items
+
+    def wait(self, timeout):
+        items = self._drain()
+        if items:
+            return items
+        try:
+            readable = self._waker.wait(self._fileno, timeout)
+        except (OSError, ValueError) as error:
+            raise _unavailable(error) from error
+        return self._drain() if readable else []
+
+    def wakeup(self):
+        self._waker.wakeup()
+
+    def publish_marker(self):
+        self._broker._publish_marker(self._hub_channel)
+
+    def close(self):
+        try:
+            self._pubsub.reset()
+            self._client.connection_pool.disconnect()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+            pass
+        self._waker.close()

@@ -1,0 +1,86 @@
+"""System checks (``manage.py check``; run by each gunicorn worker at boot)."""
+
+import os
+
+from django.core import checks
+from django.db import connections
+
+from myapp.auth import get_authorizer
+from myapp.brokers import load_broker
+from myapp.conf import setting
+from myapp.exceptions import BrokerConfigurationError
+
+TAG = "myapp"
+
+
+@checks.register(TAG)
+def check_broker(app_configs=None, **kwargs):
+    errors = []
+    try:
+        broker = load_broker(setting("MYAPP_BROKER"))
+    except BrokerConfigurationError as error:
+        return [checks.Error(str(error), id="myapp.E001")]
+    workers = os.environ.get("WEB_CONCURRENCY", "1")
+    if not broker.supports_multiple_processes and workers.isdigit() and int(workers) > 1:
+        errors.append(
+            checks.Error(
+                f"{type(broker).__name__} keeps events inside one process, but WEB_CONCURRENCY={workers} "
+                "starts several gunicorn workers: most streams would miss most events.",
+                hint="Use myapp.brokers.redis.RedisBroker or myapp.brokers.postgres.PostgresBroker, or run one worker.",
+                id="myapp.E002",
+            )
+        )
+    alias = getattr(broker, "database", None)
+    if alias is not None:
+        if alias not in connections.settings:
+            errors.append(
+                checks.Error(
+                    f"The PostgreSQL broker uses database alias {alias!r}, which is not in DATABASES.",
+                    hint="Set MYAPP_BROKER OPTIONS 'database' to a PostgreSQL alias of DATABASES.",
+                    id="myapp.E003",
+                )
+            )
+        elif connections[alias].vendor != "postgresql":
+            errors.append(
+                checks.Error(
+                    f"The PostgreSQL broker needs a PostgreSQL database, but DATABASES[{alias!r}] "
+                    f"is {connections[alias].vendor}.",
+                    hint="Point DATABASE_URL at PostgreSQL, or use the Redis broker.",
+                    id="myapp.E004",
+                )
+            )
+    return errors
+
+
+@checks.register(TAG)
+def check_settings(app_configs=None, **kwargs):
+    errors = []
+    try:
+        get_authorizer()
+    except BrokerConfigurationError as error:
+        errors.append(checks.Error(str(error), id="myapp.E005"))
+    heartbeat = setting("MYAPP_HEARTBEAT_SECONDS")
+    if not isinstance(heartbeat, (int, float)) or heartbeat <= 0:
+        errors.append(checks.Error("MYAPP_HEARTBEAT_SECONDS must be a number of seconds > 0.", id="myapp.E006"))
+    elif heartbeat > 40:
+        errors.append(
+            checks.Warning(
+                f"MYAPP_HEARTBEAT_SECONDS={heartbeat}: EventSource polyfills drop a stream after 45 s of silence.",
+                id="myapp.W001",
+            )
+        )
+    tokens = setting("MYAPP_PUBLISH_TOKENS")
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and t for t in tokens):
+        errors.append(checks.Error("MYAPP_PUBLISH_TOKENS must be a list of non-empty str.", id="myapp.E007"))
+    elif any(len(t) < 16 for t in tokens):
+        errors.append(checks.Warning("A MYAPP_PUBLISH_TOKENS entry is shorter than 16 characters.", id="myapp.W002"))
+    origins = setting("MYAPP_CORS_ALLOWED_ORIGINS")
+    if "*" in origins:
+        errors.append(
+            checks.Error(
+                "MYAPP_CORS_ALLOWED_ORIGINS may not contain '*': streams carry credentials.",
+                hint="List each origin, e.g. 'https://app.example.com'.",
+                id="myapp.E008",
+            )
+        )
+    return errors

