@@ -59,6 +59,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "myapp.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -128,7 +129,12 @@ _BROKERS = {
     "postgres": {"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {}},
     "memory": {"BACKEND": "myapp.brokers.memory.MemoryBroker", "OPTIONS": {}},
 }
-MYAPP_BROKER = _BROKERS[os.environ.get("MYAPP_BROKER_BACKEND", "redis")]
+_backend = os.environ.get("MYAPP_BROKER_BACKEND", "redis")
+if _backend not in _BROKERS:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
+MYAPP_BROKER = _BROKERS[_backend]
 MYAPP_CHANNEL_AUTHORIZER = "myapp.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 if "MYAPP_HEARTBEAT_SECONDS" in os.environ:

@@ -8,7 +8,7 @@ Answers (each one stops a native EventSource from retrying, except 200):
 - 401: not logged in and no valid subscription token;
 - 403: a channel the requester may not read, or a refused Origin;
 - 429 + Retry-After: the user already holds MYAPP_MAX_STREAMS_PER_USER streams here;
-- 503 + Retry-After: the broker is unreachable.
+- 503 + Retry-After: the broker (or the database the session needs) is unreachable.
 
 ``?check=1`` answers the same statuses without streaming (200 JSON when a
 stream would open), so a client can tell "retry later" from "stop".
@@ -16,7 +16,7 @@ stream would open), so a client can tell "retry later" from "stop".
 
 import logging
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
 from myapp.auth import StreamRefused, grant_stream
@@ -54,6 +54,11 @@ def events(request):
     except StreamRefused as refused:
         headers = {"WWW-Authenticate": 'Bearer realm="events"'} if refused.status == 401 else {}
         return error(refused.status, refused.reason, {**headers, **cors})
+    except DatabaseError as failure:
+        # The session, the user or an authorizer needs the database (with the
+        # PostgreSQL broker it is also the broker): tell the browser to retry.
+        log.warning("stream refused: database unavailable: %s", failure)
+        return unavailable("the database is unavailable; retry later", headers=cors)
     if not grant.channels:
         response = HttpResponse(status=204)
         for name, value in cors.items():

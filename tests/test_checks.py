@@ -1,0 +1,130 @@
+"""Configuration errors fail at start-up with the fix in the message; system checks flag mistakes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from myapp import checks
+from myapp.brokers import load_broker
+from myapp.exceptions import BrokerConfigurationError
+from tests.stack import free_port
+
+BASE = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"BACKEND": "myapp.brokers.nope.Broker"}, "cannot be imported"),
+        ({"BACKEND": "myapp.events.Event"}, "is not a subclass of myapp.brokers.base.Broker"),
+        ({"BACKEND": "myapp.brokers.memory.MemoryBroker", "OPTIONS": {"hostt": 1}}, "OPTIONS do not fit MemoryBroker"),
+        ({"BACKEND": "myapp.brokers.memory.MemoryBroker", "OPTIONS": {"history_length": 0}}, "history_length must be"),
+        ({"BACKEND": "myapp.brokers.redis.RedisBroker", "OPTIONS": {"url": "http://x"}}, "is not a redis-py URL"),
+        ({"BACKEND": "myapp.brokers.redis.RedisBroker", "OPTIONS": {"socket_timeout": 0}}, "socket_timeout must be"),
+        ({"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {"connect_timeout": 1}}, "connect_timeout"),
+        ({"OPTIONS": {}}, "MYAPP_BROKER must be a dict like"),
+        ({"BACKEND": "myapp.brokers.memory.MemoryBroker", "OPTION": {}}, "unknown keys"),
+    ],
+    ids=[
+        "bad path",
+        "not a broker",
+        "unknown option",
+        "bad length",
+        "bad url",
+        "bad timeout",
+        "bad pg timeout",
+        "no backend",
+        "typo key",
+    ],
+)
+def test_bad_broker_config_raises_improperly_configured(config, message):
+    """Each bad MYAPP_BROKER raises BrokerConfigurationError (an ImproperlyConfigured) saying what to fix."""
+    with pytest.raises(BrokerConfigurationError, match=message) as raised:
+        load_broker(config)
+    assert isinstance(raised.value, ImproperlyConfigured)
+
+
+def test_memory_broker_with_several_workers_is_an_error(settings, monkeypatch):
+    """The memory broker is flagged when WEB_CONCURRENCY starts more than one worker."""
+    settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.memory.MemoryBroker"}
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")
+    assert [error.id for error in checks.check_broker()] == ["myapp.E002"]
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    assert checks.check_broker() == []
+
+
+class FakeConnections:
+    def __init__(self, vendor):
+        self.settings = {"default": {}}
+        self.vendor = vendor
+
+    def __getitem__(self, alias):
+        return type("Connection", (), {"vendor": self.vendor})()
+
+
+@pytest.mark.parametrize(
+    ("vendor", "database", "expected"),
+    [
+        ("sqlite", "default", ["myapp.E004"]),
+        ("postgresql", "missing", ["myapp.E003"]),
+        ("postgresql", "default", []),
+    ],
+)
+def test_postgres_broker_needs_a_postgres_database(settings, monkeypatch, vendor, database, expected):
+    """The PostgreSQL broker is flagged without a PostgreSQL database behind its alias."""
+    settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {"database": database}}
+    monkeypatch.setattr(checks, "connections", FakeConnections(vendor))
+    assert [error.id for error in checks.check_broker()] == expected
+
+
+def test_settings_checks(settings):
+    """A wildcard CORS origin, a bad authorizer path and a too-long heartbeat are flagged."""
+    settings.MYAPP_CORS_ALLOWED_ORIGINS = ["*"]
+    settings.MYAPP_CHANNEL_AUTHORIZER = "nowhere.authorize"
+    settings.MYAPP_HEARTBEAT_SECONDS = 60
+    settings.MYAPP_PUBLISH_TOKENS = ["short"]
+    assert sorted(error.id for error in checks.check_settings()) == [
+        "myapp.E005",
+        "myapp.E008",
+        "myapp.W001",
+        "myapp.W002",
+    ]
+
+
+def _env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MYAPP_", "DATABASE_URL", "WEB_CONCURRENCY"))}
+    env.update({"MYAPP_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "checks"}, **extra)
+    return env
+
+
+def test_unknown_backend_env_fails_at_start_up(tmp_path):
+    """manage.py refuses to start with an unknown MYAPP_BROKER_BACKEND and names the choices."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=BASE,
+        env=_env(tmp_path, MYAPP_BROKER_BACKEND="rabbit"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "MYAPP_BROKER_BACKEND='rabbit': use one of redis, postgres, memory" in result.stderr
+
+
+def test_gunicorn_refuses_memory_broker_with_two_workers(tmp_path):
+    """gunicorn's workers run the checks at boot and stop the server instead of serving split brains."""
+    env = _env(tmp_path, MYAPP_BROKER_BACKEND="memory", WEB_CONCURRENCY="2", GUNICORN_BIND=f"127.0.0.1:{free_port()}")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "config.wsgi"],
+        cwd=BASE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "myapp.E002" in result.stderr

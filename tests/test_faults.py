@@ -1,0 +1,91 @@
+"""Broker faults on the real stack: restart the broker server under open streams.
+
+Each test runs its own Valkey or PostgreSQL server, so restarting it disturbs no other test.
+"""
+
+import json
+import re
+import time
+
+import pytest
+import requests
+
+from scripts.servers import EmbeddedPostgres, EmbeddedValkey
+from tests.conftest import wait_until
+from tests.sse_client import SSEClient
+from tests.stack import PUBLISH_TOKEN, LiveStack
+
+pytestmark = pytest.mark.e2e
+
+
+class Outage:
+    """A live stack with one worker on a private broker server that the test can restart."""
+
+    def __init__(self, stack, server):
+        self.stack = stack
+        self.server = server
+
+    def publish(self, channel, data, timeout=5):
+        return requests.post(
+            self.stack.url + "/api/events/",
+            json={"channel": channel, "event_type": "note", "data": data},
+            headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            timeout=timeout,
+        )
+
+    def open_stream(self, session):
+        client = SSEClient(session, self.stack.url + "/events/")
+        assert client.status == 200
+        (opened,) = client.wait_count("stream.open", 1)
+        return client, json.loads(opened.data)["channels"][0]
+
+    def stream_status(self, session):
+        """The status of a new /events/ request, and how long it took to answer (seconds)."""
+        started = time.monotonic()
+        response = session.get(self.stack.url + "/events/", stream=True, timeout=15)
+        response.close()
+        return response.status_code, time.monotonic() - started, response.headers
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def outage(request, tmp_path):
+    if request.param == "redis":
+        server = EmbeddedValkey(tmp_path / "valkey").start()
+        stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1)
+    else:
+        server = EmbeddedPostgres(tmp_path / "postgres").start()
+        stack = LiveStack(tmp_path / "stack", mode="postgres", postgres=server, workers=1)
+    try:
+        with stack:
+            yield Outage(stack, server)
+    finally:
+        server.stop()
+
+
+def test_broker_restart_is_survived_by_open_streams(outage):
+    """During the outage: 503 fast, publish fails; after it: old streams get new events, new streams open."""
+    session = outage.stack.login("alice")
+    client, channel = outage.open_stream(session)
+    assert outage.publish(channel, "before").status_code == 200
+    client.wait_for(lambda ms: any(m.data == '"before"' for m in ms), what="the event before the outage")
+
+    outage.server.stop()
+    failed = outage.publish(channel, "during")
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == "5"
+    status, took, headers = outage.stream_status(session)
+    assert status == 503, "a new stream during the outage is refused, not hung"
+    assert took < 8 and headers["Retry-After"] == "5"
+
+    outage.server.start()
+    recovered_at = time.monotonic()
+    wait_until(lambda: outage.stream_status(session)[0] == 200, timeout=20, interval=0.1, what="recovery")
+    recovery = time.monotonic() - recovered_at
+    assert outage.publish(channel, "after").status_code == 200
+    client.wait_for(lambda ms: any(m.data == '"after"' for m in ms), timeout=15, what="the event after recovery")
+    assert client.ended.is_set() is False, "the old stream stayed open"
+    assert [m.data for m in client.messages if m.type == "note"] == ['"before"', '"after"']
+    print(f"recovery after restart: {recovery:.2f} s")
+
+    log = outage.stack.tail(20000)
+    assert len(re.findall(r"hub: broker connection lost", log)) == 1, "the drop is logged once"
+    assert len(re.findall(r"hub: broker connection recovered", log)) == 1, "the recovery is logged once"
