@@ -1,0 +1,17 @@
+"""``GET /healthz``: this worker's hub, for load balancers and the benchmark."""
+
+import os
+
+from django.http import JsonResponse
+from django.views.decorators.http import require_GET
+
+from myapp.hub import get_hub
+
+
+@require_GET
+def healthz(request):
+    """200 with the worker's stream and channel counts, or 503 while its broker connection is down."""
+    hub = get_hub()
+    stats = hub.stats()
+    body = {"status": "ok" if stats["connected"] else "broker unavailable", "pid": os.getpid(), **stats}
+    return JsonResponse(body, status=200 if stats["connected"] else 503)
