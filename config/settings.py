@@ -137,10 +137,19 @@ if _backend not in _BROKERS:
 MYAPP_BROKER = _BROKERS[_backend]
 MYAPP_CHANNEL_AUTHORIZER = "myapp.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
-if "MYAPP_HEARTBEAT_SECONDS" in os.environ:
-    MYAPP_HEARTBEAT_SECONDS = float(os.environ["MYAPP_HEARTBEAT_SECONDS"])
-if "MYAPP_RETRY_MILLISECONDS" in os.environ:
-    MYAPP_RETRY_MILLISECONDS = int(os.environ["MYAPP_RETRY_MILLISECONDS"])
+# Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
+for _name, _type in (
+    ("MYAPP_HEARTBEAT_SECONDS", float),
+    ("MYAPP_RETRY_MILLISECONDS", int),
+    ("MYAPP_STREAM_QUEUE_SIZE", int),
+    ("MYAPP_SEND_TIMEOUT_SECONDS", float),
+    ("MYAPP_STREAM_LIFETIME_SECONDS", float),
+    ("MYAPP_MAX_STREAMS_PER_USER", int),
+    ("MYAPP_MAX_CHANNELS_PER_STREAM", int),
+    ("MYAPP_PUBLISH_MAX_BODY_BYTES", int),
+):
+    if _name in os.environ:
+        globals()[_name] = _type(os.environ[_name])
 
 # The demo import job: seconds per imported row.
 IMPORT_STEP_SECONDS = float(os.environ.get("IMPORT_STEP_SECONDS", "0.5"))

@@ -133,6 +133,8 @@ class SSEClient:
         self.response = session.get(url, stream=True, headers=headers, timeout=(5, timeout))
         self.status = self.response.status_code
         self.headers = self.response.headers
+        connection = self.response.raw.connection
+        self.local_port = connection.sock.getsockname()[1] if connection is not None and connection.sock else None
         if self.status == 200:
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()

@@ -54,6 +54,12 @@ class LiveStack:
                 "MYAPP_HEARTBEAT_SECONDS": str(heartbeat),
                 "MYAPP_PUBLISH_TOKENS": PUBLISH_TOKEN,
                 "MYAPP_BROKER_BACKEND": mode,
+                # Small enough for the slow-client tests to overflow quickly.
+                "MYAPP_STREAM_QUEUE_SIZE": "100",
+                "MYAPP_SEND_TIMEOUT_SECONDS": "3",
+                "MYAPP_RETRY_MILLISECONDS": "300",
+                # Room for 64 KiB payloads plus their JSON envelope.
+                "MYAPP_PUBLISH_MAX_BODY_BYTES": "1048576",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -140,6 +146,23 @@ class LiveStack:
             return [child.pid for child in psutil.Process(self.gunicorn.pid).children()]
         except psutil.NoSuchProcess:
             return []
+
+    def serving_worker(self, client):
+        """The pid of the worker holding ``client``'s connection (an SSEClient)."""
+        for pid in self.worker_pids():
+            for connection in psutil.Process(pid).net_connections(kind="tcp"):
+                if connection.raddr and connection.raddr.port == client.local_port:
+                    return pid
+        raise AssertionError(f"no worker holds the connection from port {client.local_port}")
+
+    def publish(self, channel, data, event_type="note", **fields):
+        """Publish through the HTTP API; return the response."""
+        return requests.post(
+            self.url + "/api/events/",
+            json={"channel": channel, "event_type": event_type, "data": data, **fields},
+            headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            timeout=10,
+        )
 
     def tail(self, size=4000):
         try:

@@ -77,3 +77,134 @@ def test_failed_import_shows_the_error(page, redis_stack):
     page.click("#start")
     notice = page.wait_for_selector(".notice-error", timeout=30000)
     assert "failed: row 2: 'bad-address' is not a valid email address" in notice.inner_text()
+
+
+AWKWARD = {
+    "CR": "a\rb",
+    "LF": "a\nb",
+    "CRLF": "a\r\nb",
+    "lone CR at end": "ends with CR\r",
+    "empty": "",
+    "leading space": " leading space",
+    "emoji": "rocket \U0001f680 and é",
+    "64 KiB": "k" * 65536,
+}
+
+
+def normalised(data):
+    """WHATWG HTML 9.2.6: every CRLF or CR in data reaches the page as LF."""
+    return data.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_event_source_hands_the_page_exactly_what_was_sent(page, redis_stack):
+    """Awkward payloads arrive as sent: raw text with line breaks normalised per spec, JSON exactly."""
+    import uuid
+
+    log_in(page, redis_stack)
+    channel = f"room:conformance-{uuid.uuid4().hex[:8]}"
+    page.evaluate(
+        """channel => new Promise(resolve => {
+            window.got = [];
+            const source = new EventSource("/events/?channel=" + channel);
+            source.addEventListener("raw", e => window.got.push(["raw", e.data]));
+            source.addEventListener("json", e => window.got.push(["json", JSON.parse(e.data)]));
+            source.addEventListener("stream.open", () => resolve());
+        })""",
+        channel,
+    )
+    for value in AWKWARD.values():
+        assert redis_stack.publish(channel, value, event_type="raw", raw=True).status_code == 200
+        assert redis_stack.publish(channel, value, event_type="json").status_code == 200
+    page.wait_for_function("count => window.got.length >= count", arg=2 * len(AWKWARD), timeout=15000)
+    got = page.evaluate("window.got")
+    expected = [item for value in AWKWARD.values() for item in (["raw", normalised(value)], ["json", value])]
+    assert got == expected
+
+
+def start_job(stack, session, rows):
+    source = "\n".join(f"Watch {n},watch-{rows}-{n}@example.com" for n in range(rows))
+    response = session.post(
+        stack.url + "/jobs/", data={"source": source}, headers={"X-CSRFToken": session.cookies["csrftoken"]}
+    )
+    assert response.status_code == 201
+    return response.json()["id"]
+
+
+def test_job_page_stops_listening_after_the_job_finishes(page, redis_stack):
+    """The job page's stream ends for good on stream.close: no reconnection follows."""
+    log_in(page, redis_stack)
+    requests_made = []
+    page.on("request", lambda request: "/events/" in request.url and requests_made.append(request.url))
+    job_id = start_job(redis_stack, redis_stack.login("carol"), rows=30)
+    page.goto(f"{redis_stack.url}/jobs/{job_id}/watch/")
+    page.wait_for_selector('#connection[data-state="closed"]', timeout=30000)
+    assert page.inner_text("#job-status") in ("finished", "queued", "running")
+    page.wait_for_timeout(1500)  # an observation window: a reconnect would come after 300-600 ms
+    streams = [url for url in requests_made if "check=1" not in url]
+    assert len(streams) == 1, f"no reconnection after stream.close: {requests_made}"
+    page.reload()
+    page.wait_for_selector('#connection[data-state="closed"]')
+    assert page.inner_text("#job-status") == "finished"
+
+
+def test_finished_job_channel_answers_204(redis_stack):
+    """A stream for a channel that has ended for good gets 204 (the browser stops)."""
+    session = redis_stack.login("carol")
+    job_id = start_job(redis_stack, session, rows=1)
+    from tests.conftest import wait_until
+
+    wait_until(lambda: session.get(f"{redis_stack.url}/jobs/{job_id}/").json()["status"] == "finished", timeout=30)
+    response = session.get(f"{redis_stack.url}/events/?channel=job:{job_id}", timeout=10)
+    assert response.status_code == 204
+
+
+def test_page_script_retries_after_event_source_gives_up_and_resumes(browser, tmp_path):
+    """503s stop a native EventSource; push.js retries with jitter, shows the state, and loses nothing."""
+    import signal
+
+    from scripts.servers import EmbeddedValkey
+    from tests.stack import LiveStack
+
+    valkey = EmbeddedValkey(tmp_path / "valkey").start()
+    try:
+        with LiveStack(tmp_path / "stack", mode="redis", redis_url=valkey.url, workers=1) as stack:
+            context = browser.new_context()
+            page = context.new_page()
+            log_in(page, stack)
+            checks = []
+            page.on("request", lambda request: "check=1" in request.url and checks.append(request.url))
+            page.evaluate(
+                """() => new Promise(resolve => {
+                    window.states = [];
+                    window.got = [];
+                    window.probe = new PushStream("/events/?channel=room:retry", {
+                        onstate: state => { window.states.push(state); if (state === "live") resolve(); },
+                        retryMs: 300
+                    });
+                    window.probe.on("note", data => window.got.push(data));
+                })"""
+            )
+            assert stack.publish("room:retry", "before").status_code == 200
+            page.wait_for_function("window.got.length === 1")
+
+            valkey.stop()
+            stack.gunicorn.send_signal(signal.SIGHUP)  # a deploy: new workers start while the broker is down
+            # The stream ends, EventSource reconnects, gets 503 and gives up; push.js takes over.
+            page.wait_for_function("window.probe._attempt >= 2", timeout=20000)
+            assert page.evaluate("window.states.slice(-1)[0]") == "reconnecting"
+
+            valkey.start()
+            from tests.conftest import wait_until
+
+            wait_until(
+                lambda: stack.publish("room:retry", "after").status_code == 200, timeout=20, what="publishing again"
+            )
+            page.wait_for_function("window.got.length === 2", timeout=30000)
+            assert page.evaluate("window.got") == ["before", "after"]
+            assert page.evaluate("window.states.slice(-1)[0]") == "live"
+            assert page.evaluate("window.probe.source.readyState") == 1
+            assert checks, "the EventSource gave up and push.js asked ?check=1 before retrying"
+            assert "lastEventId=" in page.evaluate("window.probe.source.url"), "the retry resumed from the last id"
+            context.close()
+    finally:
+        valkey.stop()

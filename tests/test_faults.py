@@ -8,12 +8,11 @@ import re
 import time
 
 import pytest
-import requests
 
 from scripts.servers import EmbeddedPostgres, EmbeddedValkey
 from tests.conftest import wait_until
 from tests.sse_client import SSEClient
-from tests.stack import PUBLISH_TOKEN, LiveStack
+from tests.stack import LiveStack
 
 pytestmark = pytest.mark.e2e
 
@@ -25,13 +24,8 @@ class Outage:
         self.stack = stack
         self.server = server
 
-    def publish(self, channel, data, timeout=5):
-        return requests.post(
-            self.stack.url + "/api/events/",
-            json={"channel": channel, "event_type": "note", "data": data},
-            headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
-            timeout=timeout,
-        )
+    def publish(self, channel, data):
+        return self.stack.publish(channel, data)
 
     def open_stream(self, session):
         client = SSEClient(session, self.stack.url + "/events/")
@@ -89,3 +83,26 @@ def test_broker_restart_is_survived_by_open_streams(outage):
     log = outage.stack.tail(20000)
     assert len(re.findall(r"hub: broker connection lost", log)) == 1, "the drop is logged once"
     assert len(re.findall(r"hub: broker connection recovered", log)) == 1, "the recovery is logged once"
+
+
+def test_resume_across_a_broker_restart(outage):
+    """A client away while the broker restarts resumes with the events published after it came back."""
+    session = outage.stack.login("alice")
+    first, channel = outage.open_stream(session)
+    for value in ("a", "b"):
+        assert outage.publish(channel, value).status_code == 200
+    first.wait_count("note", 2)
+    first.close()
+
+    outage.server.stop()
+    outage.server.start()
+    wait_until(lambda: outage.stream_status(session)[0] == 200, timeout=20, interval=0.1, what="recovery")
+    for value in ("c", "d", "e"):
+        assert outage.publish(channel, value).status_code == 200
+
+    second = SSEClient(session, outage.stack.url + "/events/", last_event_id=first.last_event_id)
+    try:
+        second.wait_count("note", 3)
+        assert [m.data for m in second.messages if m.type != "stream.open"] == ['"c"', '"d"', '"e"']
+    finally:
+        second.close()
