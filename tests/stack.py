@@ -164,6 +164,14 @@ class LiveStack:
             timeout=10,
         )
 
+    def start_job(self, session, source):
+        """Start an import job over HTTP (CSRF header from the session's cookie); return its JSON."""
+        response = session.post(
+            self.url + "/jobs/", data={"source": source}, headers={"X-CSRFToken": session.cookies["csrftoken"]}
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
     def tail(self, size=4000):
         try:
             return self.log.read_text(errors="replace")[-size:]

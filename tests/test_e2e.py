@@ -13,11 +13,7 @@ CSV = "\n".join(f"Person {n},person{n}@example.com" for n in range(1, 7))
 
 
 def start_job(session, stack, source=CSV):
-    response = session.post(
-        stack.url + "/jobs/", data={"source": source}, headers={"X-CSRFToken": session.cookies["csrftoken"]}
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
+    return stack.start_job(session, source)
 
 
 def job_events(client, job_id):
