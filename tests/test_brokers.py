@@ -192,3 +192,35 @@ def test_stream_resumes_each_channel_from_one_id(broker, hub_factory):
     assert [m.data for m in messages[1:]] == [f"missed {n}" for n in range(4)]
     assert [parse(m.last_event_id) for m in messages[1:]] == missed
     stream.close()
+
+
+@pytest.mark.parametrize(
+    "channel",
+    [
+        "room'; DROP TABLE myapp_broker_event; --",
+        'quoted"identifier',
+        "x" * 200,
+        "ünïcödé-チャンネル-" * 5,
+        "UPPER:lower",
+    ],
+    ids=["SQL injection", "double quote", "200 bytes", "unicode over 63 bytes", "case"],
+)
+def test_postgres_maps_any_channel_name_safely(postgres_broker, channel):
+    """Hostile or long names (bypassing the API's charset) LISTEN, NOTIFY and store safely."""
+    from django.db import connection
+
+    from myapp.brokers.postgres import pg_channel
+
+    assert len(pg_channel(channel).encode()) <= 63
+    collector = Collector(postgres_broker.listener("!hub:hostile"))
+    try:
+        collector.subscribe(channel, "UPPER:LOWER")
+        pos = postgres_broker.publish(channel, "t", "payload")
+        (event,) = collector.wait_events(1)
+        assert (event.channel, event.pos) == (channel, pos)
+        assert [e.data for e in postgres_broker.history([channel], 0).events] == ["payload"]
+    finally:
+        collector.listener.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM myapp_broker_event")
+        assert cursor.fetchone()[0] == 1, "the table is intact"

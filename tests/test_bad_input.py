@@ -1,0 +1,300 @@
+"""Hostile and malformed input on every endpoint: the documented 4xx, never a 500, no harm to other streams."""
+
+import json
+import socket
+import uuid
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.test import Client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from myapp.brokers import get_broker
+from myapp.exceptions import EventTooLarge, InvalidEvent
+from myapp.ids import parse
+from myapp.publish import send_event
+from myapp.tokens import subscription_token
+from tests.sse_client import SSEClient, SSEParser
+
+
+@pytest.fixture
+def alice(db):
+    user = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+# -- /events/ in-process ----------------------------------------------------------
+
+EVENTS_CASES = [
+    ("CR in channel", "/events/?channel=room%0Da", 400),
+    ("LF in channel", "/events/?channel=room%0Aevent:%20x", 400),
+    ("NUL in channel", "/events/?channel=room%00a", 400),
+    ("invalid UTF-8 in channel", "/events/?channel=%FF%FE", 400),
+    ("SQL metacharacters", "/events/?channel=room';DROP%20TABLE%20auth_user;--", 400),
+    ("200-byte channel", "/events/?channel=" + "c" * 200, 400),
+    ("too many channels", "/events/?" + "&".join(f"channel=room:{n}" for n in range(11)), 400),
+    ("empty channel", "/events/?channel=", 400),
+    ("unadmitted group", "/events/?channel=team:x", 403),
+    ("another user's channel", "/events/?channel=user:999", 403),
+    ("garbage token", "/events/?token=%FF%00", 401),
+    ("job of nobody", "/events/?channel=job:99999999999999999999999", 403),
+]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("url", "status"), [c[1:] for c in EVENTS_CASES], ids=[c[0] for c in EVENTS_CASES])
+def test_events_refuses_bad_requests(memory_broker, alice, url, status):
+    """Each bad /events/ request gets its documented 4xx with a JSON reason."""
+    response = alice.get(url)
+    assert response.status_code == status
+    assert json.loads(response.content)["error"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["x" * (1 << 20), "1-2\r\nevent: evil", "\ud800", "-1--1", "99999999999999999999-0", "0-0"],
+    ids=["1 MiB", "CRLF", "lone surrogate", "negative", "overflow", "zero"],
+)
+def test_hostile_last_event_id_resets_or_resumes_never_fails(memory_broker, alice, last_event_id):
+    """Any Last-Event-ID gives 200: a stream.reset when unusable (a 400 would stop the browser for good)."""
+    response = alice.get("/events/", HTTP_LAST_EVENT_ID=last_event_id)
+    try:
+        assert response.status_code == 200
+        (first,) = SSEParser().feed(next(response.streaming_content))
+        assert first.type in ("stream.open", "stream.reset")
+        if last_event_id != "0-0":
+            assert first.type == "stream.reset"
+    finally:
+        response.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("method", ["post", "put", "delete", "patch", "head"])
+def test_events_other_methods_are_405(memory_broker, alice, method):
+    """Only GET (and OPTIONS preflight) are served."""
+    assert getattr(alice, method)("/events/").status_code == 405
+
+
+@pytest.mark.django_db(transaction=True)
+def test_per_user_stream_limit_gives_429_with_retry_after(memory_broker, alice, settings):
+    """Over MYAPP_MAX_STREAMS_PER_USER: 429 + Retry-After, and ?check=1 says so too."""
+    settings.MYAPP_MAX_STREAMS_PER_USER = 2
+    open_ones = [alice.get("/events/") for _ in range(2)]
+    try:
+        refused = alice.get("/events/")
+        assert (refused.status_code, refused["Retry-After"]) == (429, "5")
+        assert alice.get("/events/?check=1").status_code == 429
+    finally:
+        for response in open_ones:
+            response.close()
+    second_chance = alice.get("/events/")
+    assert second_chance.status_code == 200
+    second_chance.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_token_length_is_bounded_before_checking(memory_broker, settings):
+    """Tokens longer than 4096 characters are refused without being verified."""
+    good = subscription_token(["room:a"])
+    assert Client().get("/events/", {"token": good + "x" * 5000}).status_code == 401
+
+
+# -- CORS --------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cors_echoes_only_allowed_origins_with_credentials(memory_broker, alice, settings):
+    """An allowed Origin is echoed exactly with credentials (never *); others get 403."""
+    settings.MYAPP_CORS_ALLOWED_ORIGINS = ["https://app.example.com"]
+    allowed = alice.get("/events/", HTTP_ORIGIN="https://app.example.com")
+    try:
+        assert allowed.status_code == 200
+        assert allowed["Access-Control-Allow-Origin"] == "https://app.example.com"
+        assert allowed["Access-Control-Allow-Credentials"] == "true"
+        assert "Origin" in allowed["Vary"]
+    finally:
+        allowed.close()
+    refused = alice.get("/events/", HTTP_ORIGIN="https://evil.example.com")
+    assert refused.status_code == 403 and "Access-Control-Allow-Origin" not in refused
+    same = alice.get("/events/", HTTP_ORIGIN="http://testserver")
+    assert same.status_code == 200 and "Access-Control-Allow-Origin" not in same
+    same.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cors_preflight(memory_broker, settings):
+    """OPTIONS from an allowed origin answers the preflight; the error responses carry CORS too."""
+    settings.MYAPP_CORS_ALLOWED_ORIGINS = ["https://app.example.com"]
+    response = Client().options("/events/", HTTP_ORIGIN="https://app.example.com")
+    assert response.status_code == 204
+    assert response["Access-Control-Allow-Methods"] == "GET"
+    assert "Last-Event-ID" in response["Access-Control-Allow-Headers"]
+    anonymous = Client().get("/events/", HTTP_ORIGIN="https://app.example.com")
+    assert anonymous.status_code == 401 and anonymous["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+# -- send_event and the management command -------------------------------------------
+
+BAD_EVENTS = [
+    ({"channel": "room a", "event_type": "t", "data": 1}, InvalidEvent, "channel may only contain"),
+    ({"channel": "r" * 129, "event_type": "t", "data": 1}, InvalidEvent, "limit is 128"),
+    ({"channel": 7, "event_type": "t", "data": 1}, InvalidEvent, "channel must be a str"),
+    ({"channel": "room:a", "event_type": "", "data": 1}, InvalidEvent, "must not be empty"),
+    ({"channel": "room:a", "event_type": "a\nb", "data": 1}, InvalidEvent, "CR, LF or NUL"),
+    ({"channel": "room:a", "event_type": "t" * 65, "data": 1}, InvalidEvent, "limit is 64"),
+    ({"channel": "room:a", "event_type": "stream.open", "data": 1}, InvalidEvent, "reserved"),
+    ({"channel": "room:a", "event_type": "t", "data": 1, "id": "a\rb"}, InvalidEvent, "CR, LF or NUL"),
+    ({"channel": "room:a", "event_type": "t", "data": object()}, InvalidEvent, "not JSON-serializable"),
+    ({"channel": "room:a", "event_type": "t", "data": float("nan")}, InvalidEvent, "not JSON-serializable"),
+    ({"channel": "room:a", "event_type": "t", "data": b"bytes", "raw": True}, InvalidEvent, "data must be a str"),
+    ({"channel": "room:a", "event_type": "t", "data": "\ud800", "raw": True}, InvalidEvent, "lone surrogate"),
+    ({"channel": "room:a", "event_type": "t", "data": "x" * 300000}, EventTooLarge, "MYAPP_MAX_EVENT_BYTES"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_EVENTS, ids=[m for _, _, m in BAD_EVENTS])
+def test_send_event_raises_documented_errors(memory_broker, kwargs, error, message):
+    """Bad input raises InvalidEvent (or EventTooLarge) naming the rule; nothing is published."""
+    kwargs = dict(kwargs)
+    args = kwargs.pop("channel"), kwargs.pop("event_type"), kwargs.pop("data")
+    with pytest.raises(error, match=message):
+        send_event(*args, **kwargs)
+    assert get_broker().last_position() == 0
+
+
+def test_send_event_lone_surrogates_in_json_still_publish(memory_broker):
+    """JSON data may carry lone surrogates: they are sent as \\u escapes, which JSON.parse restores."""
+    send_event("room:a", "t", {"text": "\ud800"})
+    assert get_broker().history(["room:a"], 0).events[0].data == '{"text":"\\ud800"}'
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    channel=st.text(max_size=140),
+    event_type=st.text(max_size=70),
+    key=st.none() | st.text(max_size=20),
+    data=st.text(max_size=50),
+    raw=st.booleans(),
+)
+def test_fuzzed_send_event_publishes_intact_or_raises_invalid_event(memory_broker, channel, event_type, key, data, raw):
+    """send_event either raises InvalidEvent or publishes exactly what was given."""
+    before = get_broker().last_position()
+    try:
+        event_id = send_event(channel, event_type, data, id=key, raw=raw)
+    except InvalidEvent:
+        assert get_broker().last_position() == before
+        return
+    if parse(event_id) > before:
+        (event,) = get_broker().history([channel], before).events
+        expected = data if raw else json.dumps(data, ensure_ascii=False)
+        assert (event.event_type, event.data) == (event_type, expected)
+
+
+def test_management_command_publishes_and_prints_the_id(memory_broker, capsys):
+    """manage.py send_event CHANNEL EVENT_TYPE DATA_JSON prints the event id."""
+    call_command("send_event", "room:ops", "maintenance", '{"at": "22:00"}')
+    event = get_broker().history(["room:ops"], 0).events[0]
+    assert capsys.readouterr().out.strip() == event.id
+    assert (event.event_type, event.data) == ("maintenance", '{"at":"22:00"}')
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["room:ops", "t", "{not json"], "DATA_JSON is not valid JSON"),
+        (["bad channel", "t", "1"], "channel may only contain"),
+        (["room:ops", "a\nb", "1"], "CR, LF or NUL"),
+    ],
+)
+def test_management_command_errors_are_clear(memory_broker, args, message):
+    """Bad arguments raise CommandError with the reason (exit status 1, no traceback)."""
+    with pytest.raises(CommandError, match=message):
+        call_command("send_event", *args)
+
+
+def test_management_command_reports_an_unreachable_broker(settings):
+    settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.redis.RedisBroker", "OPTIONS": {"url": "unix:///nonexistent"}}
+    with pytest.raises(CommandError, match="the broker is unavailable"):
+        call_command("send_event", "room:ops", "t", "1")
+
+
+# -- the real stack -----------------------------------------------------------------
+
+
+def raw_request(stack, request_bytes):
+    """Send raw bytes to the server; return the status line's code (int) or None if it closed."""
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        reply = sock.recv(4096)
+    return int(reply.split()[1]) if reply.startswith(b"HTTP/1.") else None
+
+
+@pytest.mark.e2e
+def test_barrage_of_hostile_requests_leaves_other_streams_intact(stack):
+    """Hostile requests on every endpoint get 4xx (never 500) while a bystander's stream stays well-formed."""
+    session = stack.login("alice")
+    channel = f"room:bystander-{uuid.uuid4().hex[:6]}"
+    bystander = SSEClient(session, f"{stack.url}/events/?channel={channel}")
+    bystander.wait_count("stream.open", 1)
+    statuses = []
+    cookie = "; ".join(f"{k}={v}" for k, v in session.cookies.items())
+    for path in [
+        "/events/?channel=room%0D%0Aevent:%20evil",
+        "/events/?channel=%FF%FE%00",
+        "/events/?channel=room';DROP%20TABLE%20myapp_broker_event;--",
+        "/events/?channel=" + "x" * 200,
+        "/events/?channel=job:-1",
+        "/jobs/99999999999999999999999999/",
+        "/jobs/0/watch/",
+        "/events/?channel=" + "%FF" * 1300,
+    ]:
+        with session.get(stack.url + path, timeout=10, stream=True) as response:
+            statuses.append(response.status_code)
+    statuses.append(
+        session.get(stack.url + "/events/", headers={"Last-Event-ID": "x" * (1 << 20)}, timeout=10).status_code
+    )
+    statuses.append(raw_request(stack, b"GET /events/?" + b"q" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
+    statuses.append(
+        raw_request(
+            stack,
+            b"GET /events/ HTTP/1.1\r\nHost: x\r\nCookie: " + cookie.encode() + b"\r\nLast-Event-ID: \xff\xfe\r\n\r\n",
+        )
+    )
+    for body, content_type in [
+        (b"\xff\xfe", "application/json"),
+        (b"", "application/json"),
+        (b'{"channel": "a\\u0000b", "event_type": "t", "data": 1}', "application/json"),
+        (json.dumps({"channel": channel, "event_type": "x\ndata: injected", "data": 1}).encode(), "application/json"),
+        (
+            json.dumps({"channel": channel, "event_type": "t", "data": 1, "id": "1\r\n\r\ndata: injected"}).encode(),
+            "application/json",
+        ),
+        (json.dumps({"channel": "c" * 200, "event_type": "t", "data": 1}).encode(), "application/json"),
+        (b"channel=x", "text/plain"),
+        (b"x" * 2_000_000, "application/json"),
+    ]:
+        from tests.stack import PUBLISH_TOKEN
+
+        response = session.post(
+            stack.url + "/api/events/",
+            data=body,
+            headers={"Content-Type": content_type, "Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            timeout=10,
+        )
+        statuses.append(response.status_code)
+    # gunicorn itself refuses the 1 MiB header (431), the 10 kB request line (414) and the
+    # non-ASCII header bytes (400) before Django runs.
+    assert all(status is not None and 400 <= status < 500 for status in statuses), statuses
+    assert 431 in statuses and 414 in statuses
+    stack.publish(channel, "still fine")
+    bystander.wait_count("note", 1)
+    assert [(m.type, m.data) for m in bystander.messages] == [
+        ("stream.open", bystander.messages[0].data),
+        ("note", '"still fine"'),
+    ]
+    bystander.close()
