@@ -91,7 +91,15 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
     }
 else:
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)  # seconds
+    options = DATABASES["default"].setdefault("OPTIONS", {})
+    options.setdefault("connect_timeout", 5)  # seconds
+    # A pool per process (psycopg_pool, Django >= 5.1): thousands of streams
+    # opening at once share a few connections for their session lookups
+    # instead of exhausting max_connections. Connections wait up to
+    # `timeout` seconds for a free one.
+    options.setdefault(
+        "pool", {"min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "10")), "timeout": 20}
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

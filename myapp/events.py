@@ -47,18 +47,22 @@ class Event:
     pos: the broker position (int, see ``myapp.ids``); ``id`` is its string.
     event_type: the SSE event type (str).
     data: the event data (str, usually JSON text).
+    prev: the channel's previous position (int), known for events read from
+        history (0 for the channel's first event, or when unknown): a replay
+        from position p has a gap if its first event's ``prev`` is after p.
 
     ``frame`` is the complete SSE frame (bytes), encoded once per process on
     first use and shared by every stream that carries the event.
     """
 
-    __slots__ = ("channel", "pos", "event_type", "data", "_frame")
+    __slots__ = ("channel", "pos", "event_type", "data", "prev", "_frame")
 
-    def __init__(self, channel, pos, event_type, data):
+    def __init__(self, channel, pos, event_type, data, prev=0):
         self.channel = channel
         self.pos = pos
         self.event_type = event_type
         self.data = data
+        self.prev = prev
         self._frame = None
 
     @property

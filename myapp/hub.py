@@ -7,6 +7,13 @@ when the last one leaves (reference counting), and copies each event into the
 bounded queue of every subscription on its channel. The event's SSE frame is
 encoded once, in the ``Event``, and shared.
 
+Starting a stream needs no broker call from the stream itself: the hub
+activates new subscriptions in its own greenlet, in batches. Once the broker
+confirmed a subscription's channels, the hub reads their history after the
+stream's start position (one read for the whole batch), puts the replay at the
+head of the subscription's queue, and only then lets live events in. A fresh
+stream on channels the hub already holds starts at once, at the hub's position.
+
 Threads: under gunicorn's gevent worker ``threading`` is patched, so the hub's
 threads are greenlets; under ``runserver`` they are real threads. Hub state is
 guarded by one lock and nothing blocks while holding it.
@@ -32,12 +39,14 @@ import random
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 
+from myapp import sse
 from myapp.brokers.base import HUB_CHANNEL_PREFIX, Subscribed, Trimmed
 from myapp.exceptions import BrokerUnavailable
+from myapp.ids import format_id, milliseconds, parse
 
-__all__ = ["Hub", "Subscription", "TooManyStreams", "get_hub", "shutdown", "reset"]
+__all__ = ["Hub", "Subscription", "Heartbeat", "TooManyStreams", "get_hub", "shutdown", "reset"]
 
 log = logging.getLogger("myapp.hub")
 
@@ -48,37 +57,84 @@ GAP = "gap"  # events were lost during a broker outage; the browser must resume
 HUB_STOPPED = "hub stopped"
 UNSUBSCRIBED = "unsubscribed"
 
+#: Reasons a subscription starts with a reset instead of resuming (``Subscription.reset``).
+MALFORMED = "malformed"  # the Last-Event-ID is not an id of ours
+UNKNOWN = "unknown"  # newer than anything the broker handed out
+EXPIRED = "expired"  # older than the history's time-to-live
+TRIMMED = "trimmed"  # events after it are no longer in the history
+
+#: Seconds between two heartbeat slices: each slice serves an equal share of
+#: the streams, so a heartbeat round never wakes every stream at once.
+HEARTBEAT_SLICE_SECONDS = 0.25
+
 
 class TooManyStreams(Exception):
     """The stream key (a user) already holds ``max_streams_per_key`` streams in this process."""
 
 
-class Subscription:
-    """One stream's view of the hub: its channels and its bounded queue.
+class Heartbeat:
+    """A queue item: write a heartbeat; ``pos`` is the hub's position when it was sent.
 
-    The hub appends ``myapp.events.Event`` objects and heartbeat positions
-    (int) to the queue; the stream takes them in batches with ``get``.
-    ``closed`` is None while open, else the reason (a str).
+    ``frame`` is the heartbeat comment with an ``id:`` line for ``pos``
+    (encoded once per slice and shared); ``HEARTBEAT`` has none.
     """
 
-    __slots__ = ("channels", "key", "closed", "_items", "_wake", "_maxsize", "_pending", "_ready", "_hub")
+    __slots__ = ("pos", "frame")
+
+    def __init__(self, pos):
+        self.pos = pos
+        self.frame = sse.encode(comment="", id=format_id(pos))
+
+
+#: A heartbeat frame without an id (the stream already sent that position).
+HEARTBEAT = sse.comment()
+
+
+class Subscription:
+    """One stream's view of the hub: its channels, start and bounded queue.
+
+    ``start`` is the position the stream starts from (int) and ``reset`` the
+    reason it could not resume from its Last-Event-ID (a str), or None. The
+    queue holds ``myapp.events.Event`` objects (the replay first, then live
+    events) and ``Heartbeat`` items; the stream takes them in batches with
+    ``get``. ``closed`` is None while open, else the reason (a str).
+    """
+
+    __slots__ = (
+        "channels",
+        "key",
+        "start",
+        "reset",
+        "closed",
+        "_resume",
+        "_items",
+        "_wake",
+        "_maxsize",
+        "_ready",
+        "_slice",
+        "_hub",
+    )
 
     def __init__(self, hub, channels, key, maxsize):
         self._hub = hub
         self.channels = channels
         self.key = key
+        self.start = 0
+        self.reset = None
         self.closed = None
+        self._resume = None
         self._items = []
         self._wake = threading.Event()
         self._maxsize = maxsize
-        self._pending = set(channels)
         self._ready = threading.Event()
+        self._slice = None
 
     def get(self, timeout=None):
-        """Return the queued items (list), waiting up to ``timeout`` seconds for one.
+        """Return the queued items (list), waiting for one if there are none.
 
         timeout: seconds (float), or None to wait until an item arrives or the
-        subscription closes. Returns an empty list on timeout.
+        subscription closes (heartbeats arrive every heartbeat interval).
+        Returns an empty list on timeout.
         """
         if not self._items and self.closed is None:
             self._wake.wait(timeout)
@@ -96,10 +152,10 @@ class Hub:
     """The per-process fan-out from one broker listener to many streams.
 
     broker: a ``myapp.brokers.base.Broker``.
-    heartbeat_interval: seconds between heartbeats to every stream and
+    heartbeat_interval: seconds between two heartbeats of a stream and between
         markers to the broker (float).
-    queue_size: events a subscription may hold before it is closed as too
-        slow (int).
+    queue_size: live events a subscription may hold before it is closed as too
+        slow (int); its replay does not count.
     subscribe_timeout: seconds ``subscribe`` waits for the broker to confirm.
     liveness_timeout: seconds a marker may take to come back before the
         connection counts as dead.
@@ -130,8 +186,10 @@ class Hub:
         self.hub_channel = f"{HUB_CHANNEL_PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}"
 
         self._lock = threading.Lock()
-        self._channels = {}  # channel -> set of Subscription
-        self._subscriptions = set()
+        self._channels = {}  # channel -> set of active Subscriptions (those receiving live events)
+        self._refs = Counter()  # channel -> subscriptions that want it (active or pending)
+        self._subscriptions = set()  # every open subscription
+        self._pending = []  # subscriptions waiting for confirmation and their replay
         self._keys = Counter()
         self._confirmed = set()  # channels the broker confirmed on this connection
         self._inflight = {}  # channel -> SUBSCRIBE commands sent but not yet confirmed
@@ -139,6 +197,9 @@ class Hub:
         self._to_unsubscribe = set()
         self._position = 0
         self._positioned = False
+        slices = max(1, round(heartbeat_interval / HEARTBEAT_SLICE_SECONDS))
+        self._slices = [set() for _ in range(slices)]
+        self._next_slice = 0
 
         self._listener = None
         self._connected = threading.Event()
@@ -151,7 +212,7 @@ class Hub:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self):
-        """Start the listener and heartbeat threads (greenlets under gevent)."""
+        """Start the listener and heartbeat threads (greenlets under gevent). Return self."""
         for target, name in ((self._run, "myapp-hub"), (self._heartbeats, "myapp-heartbeat")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -201,20 +262,28 @@ class Hub:
     def stats(self):
         """Return a dict of counts: streams, channels, connected."""
         with self._lock:
-            return {"streams": len(self._subscriptions), "channels": len(self._channels), "connected": self.connected}
+            return {"streams": len(self._subscriptions), "channels": len(self._refs), "connected": self.connected}
 
     # -- streams -------------------------------------------------------------
 
-    def subscribe(self, channels, *, key=None, timeout=None):
+    def subscribe(self, channels, *, last_event_id=None, key=None, timeout=None):
         """Subscribe a new stream to ``channels`` and return its ``Subscription``.
 
         channels: iterable of channel names (str).
+        last_event_id: the client's Last-Event-ID (str) to resume from, or
+            None for a fresh stream (which starts at the hub's position).
         key: what ``max_streams_per_key`` counts (e.g. a user id), or None.
-        timeout: seconds to wait for the broker's confirmation (default
-            ``subscribe_timeout``).
+        timeout: seconds to wait for the broker's confirmation and the replay
+            (default ``subscribe_timeout``).
 
-        Returns only after the broker confirmed every channel, so every event
-        published after this call returns reaches the subscription.
+        Returns once the broker confirmed every channel and the replay (the
+        events after the start, at most the history's length per channel) is
+        queued, so no event published after the start is missed. Resuming is
+        impossible when the id is malformed, newer than the broker's newest
+        position, older than the history's time-to-live, or followed by
+        trimmed events: the subscription then starts at the hub's position
+        with ``reset`` set to the reason (WHATWG HTML 9.2: a non-200 answer
+        would stop the browser, so the stream resets instead).
 
         Raise BrokerUnavailable if the broker is down or does not confirm in
         time; TooManyStreams if ``key`` holds too many streams already.
@@ -225,35 +294,51 @@ class Hub:
             raise BrokerUnavailable("the broker is unreachable; the hub is reconnecting")
         channels = tuple(dict.fromkeys(channels))
         subscription = Subscription(self, channels, key, self.queue_size)
+        if last_event_id is not None:
+            subscription._resume = parse(last_event_id)
+            if subscription._resume is None:
+                subscription.reset = MALFORMED
         with self._lock:
             if self.at_limit(key):
                 raise TooManyStreams(f"at most {self.max_streams_per_key} streams per user")
             for channel in channels:
-                holders = self._channels.get(channel)
-                if holders is None:
-                    self._channels[channel] = {subscription}
+                self._refs[channel] += 1
+                if self._refs[channel] == 1:
                     if channel in self._to_unsubscribe:
                         self._to_unsubscribe.discard(channel)
                     elif channel not in self._confirmed and channel not in self._inflight:
                         self._to_subscribe.add(channel)
-                else:
-                    holders.add(subscription)
-                if channel in self._confirmed:
-                    subscription._pending.discard(channel)
             self._subscriptions.add(subscription)
             if key is not None:
                 self._keys[key] += 1
-            if not subscription._pending:
-                subscription._ready.set()
-            wake = bool(self._to_subscribe)
-        if wake:
+            subscription.start = self._position
+            if subscription._resume is None and all(channel in self._confirmed for channel in channels):
+                # Fresh, on channels already held: every event after the hub's
+                # position reaches it live, so it needs no replay.
+                self._activate(subscription)
+            else:
+                self._pending.append(subscription)
+        if not subscription._ready.is_set():
             self._wakeup()
-        if not subscription._ready.wait(max(0.0, deadline - time.monotonic())):
-            self._close(subscription, UNSUBSCRIBED)
-            raise BrokerUnavailable(f"the broker did not confirm the subscription within {timeout} s")
+            if not subscription._ready.wait(max(0.0, deadline - time.monotonic())):
+                self._close(subscription, UNSUBSCRIBED)
+                raise BrokerUnavailable(f"the broker did not confirm the subscription within {timeout} s")
         if subscription.closed is not None:
             raise BrokerUnavailable(f"the subscription was closed: {subscription.closed}")
         return subscription
+
+    def _activate(self, subscription):
+        """Let live events in (call with the lock held, after its replay is queued)."""
+        for channel in subscription.channels:
+            holders = self._channels.get(channel)
+            if holders is None:
+                self._channels[channel] = {subscription}
+            else:
+                holders.add(subscription)
+        subscription._slice = self._next_slice
+        self._slices[self._next_slice].add(subscription)
+        self._next_slice = (self._next_slice + 1) % len(self._slices)
+        subscription._ready.set()
 
     def _close(self, subscription, reason):
         with self._lock:
@@ -261,6 +346,8 @@ class Hub:
                 return
             subscription.closed = reason
             self._subscriptions.discard(subscription)
+            if subscription._slice is not None:
+                self._slices[subscription._slice].discard(subscription)
             if subscription.key is not None:
                 self._keys[subscription.key] -= 1
                 if self._keys[subscription.key] <= 0:
@@ -268,11 +355,13 @@ class Hub:
             wake = False
             for channel in subscription.channels:
                 holders = self._channels.get(channel)
-                if holders is None:
-                    continue
-                holders.discard(subscription)
-                if not holders:
-                    del self._channels[channel]
+                if holders is not None:
+                    holders.discard(subscription)
+                    if not holders:
+                        del self._channels[channel]
+                self._refs[channel] -= 1
+                if self._refs[channel] <= 0:
+                    del self._refs[channel]
                     if channel in self._to_subscribe:
                         self._to_subscribe.discard(channel)
                     else:
@@ -340,7 +429,7 @@ class Hub:
                     broker.release()
                 self._positioned = True
             with self._lock:
-                channels = list(self._channels)
+                channels = list(self._refs)
                 self._confirmed.clear()
                 self._to_subscribe.clear()
                 self._to_unsubscribe.clear()
@@ -359,7 +448,7 @@ class Hub:
                             self._confirm(item.channel)
                         else:
                             buffered.append(item)  # after the catch-up, in order
-                caught_up = self._catch_up(channels)
+                caught_up = self._catch_up([channel for channel in channels if channel in self._channels])
             self._listener = listener
         except BaseException:
             listener.close()
@@ -376,8 +465,12 @@ class Hub:
             self.outage_started = None
         for item in buffered:
             self._handle(item)
+        self._activate_pending()
 
     def _catch_up(self, channels):
+        """Dispatch what the active streams' channels missed while the hub was away."""
+        if not channels:
+            return 0
         try:
             history = self.broker.history(channels, self._position)
         finally:
@@ -395,6 +488,8 @@ class Hub:
         marker_sent = None
         while not self._stop.is_set():
             self._flush(listener)
+            if self._pending:
+                self._activate_pending()
             now = time.monotonic()
             if now >= next_marker:
                 listener.publish_marker()
@@ -449,19 +544,75 @@ class Hub:
                 self._inflight[channel] = count - 1
                 return
             del self._inflight[channel]
-            holders = self._channels.get(channel)
-            if holders is None:
+            if channel in self._refs:
+                self._confirmed.add(channel)
+
+    def _activate_pending(self):
+        """Queue the replay of every pending subscription whose channels are confirmed, then activate it.
+
+        One ``last_position`` and one ``history`` call serve the whole batch.
+        """
+        with self._lock:
+            self._pending = [sub for sub in self._pending if sub.closed is None]
+            ready = [sub for sub in self._pending if all(channel in self._confirmed for channel in sub.channels)]
+            if not ready:
                 return
-            self._confirmed.add(channel)
-            for subscription in holders:
-                pending = subscription._pending
-                if channel in pending:
-                    pending.discard(channel)
-                    if not pending:
-                        subscription._ready.set()
+            self._pending = [sub for sub in self._pending if sub not in ready]
+        try:
+            # Channels are confirmed: every event after this head arrives live,
+            # and the history read below covers the head up to the read.
+            head = max(self._position, self.broker.last_position())
+            ttl_ms = self.broker.history_ttl * 1000
+            for sub in ready:
+                resume = sub._resume
+                sub.start = head
+                if sub.reset is None and resume is not None:
+                    if resume > head:
+                        sub.reset = UNKNOWN
+                    elif milliseconds(head) - milliseconds(resume) > ttl_ms:
+                        sub.reset = EXPIRED
+                    else:
+                        sub.start = resume
+            self._queue_replays(ready, head)
+        except BaseException:
+            with self._lock:
+                self._pending.extend(ready)  # retried after the reconnection
+            raise
+        finally:
+            self.broker.release()
+        with self._lock:
+            for sub in ready:
+                if sub.closed is None:
+                    self._activate(sub)
+
+    def _queue_replays(self, subs, head):
+        """Read the history once for all ``subs`` and queue each one's replay (events after its start)."""
+        channels = {channel for sub in subs for channel in sub.channels}
+        history = self.broker.history(channels, min(sub.start for sub in subs))
+        by_channel = defaultdict(list)
+        for event in history.events:
+            by_channel[event.channel].append(event)
+
+        def replay_of(sub):
+            replay = []
+            for channel in sub.channels:
+                events = [event for event in by_channel.get(channel, ()) if event.pos > sub.start]
+                if events and events[0].prev > sub.start:
+                    return None  # trimmed: events after the start are gone
+                replay.extend(events)
+            replay.sort(key=lambda event: event.pos)
+            return replay
+
+        for sub in subs:
+            replay = replay_of(sub)
+            if replay is None:
+                sub.reset, sub.start = TRIMMED, head
+                replay = replay_of(sub)
+            sub._items.extend(replay)
+            sub._maxsize += len(replay)
 
     def _dispatch(self, event):
-        """Copy ``event`` into the queue of every subscription on its channel."""
+        """Copy ``event`` into the queue of every active subscription on its channel."""
         overflowed = None
         with self._lock:
             if event.pos <= self._position:
@@ -485,16 +636,25 @@ class Hub:
     # -- heartbeats ------------------------------------------------------------
 
     def _heartbeats(self):
-        while not self._stop.wait(self.heartbeat_interval):
-            with self._lock:
-                position = self._position
-                for subscription in self._subscriptions:
-                    items = subscription._items
-                    if items and type(items[-1]) is int:
-                        items[-1] = position  # a stalled stream keeps one heartbeat, not many
-                    else:
-                        items.append(position)
-                    subscription._wake.set()
+        """Every slice interval, send a heartbeat to one slice of the active streams."""
+        step = self.heartbeat_interval / len(self._slices)
+        index = 0
+        try:
+            while not self._stop.wait(step):
+                with self._lock:
+                    beat = Heartbeat(self._position)
+                    for subscription in self._slices[index]:
+                        items = subscription._items
+                        if items and type(items[-1]) is Heartbeat:
+                            items[-1] = beat  # a stalled stream keeps one heartbeat, not many
+                        else:
+                            items.append(beat)
+                        subscription._wake.set()
+                index = (index + 1) % len(self._slices)
+        finally:
+            if not self.stopped:
+                log.error("hub: heartbeat thread ended; closing all streams")
+                self.stop()
 
 
 # -- the process's hub ---------------------------------------------------------

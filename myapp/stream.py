@@ -1,16 +1,17 @@
 """One SSE stream: resume from Last-Event-ID, replay history, then go live.
 
-Order of work, so that nothing is lost and nothing is sent twice:
+The hub does the broker work (``myapp.hub.Hub.subscribe``): it waits for the
+broker's confirmation, reads the history after the stream's start position,
+queues that replay, and only then queues live events. The stream sends the
+queue in order and drops any event at or before the last position it sent, so
+nothing is lost and nothing is sent twice; as every frame carries its
+position, a stream multiplexing several channels resumes all of them from one
+id.
 
-1. read the broker's newest position (the start for a fresh connection);
-2. subscribe through the hub and wait for the broker's confirmation;
-3. read each channel's history after the start position;
-4. send the replay, then the live events from the subscription's queue,
-   dropping any event at or before the last position sent.
-
-Events published after step 1 are either in the history read at step 3 or
-arrive live after step 2, and every frame carries its position, so a stream
-multiplexing several channels resumes all of them from one id.
+A fresh stream (no Last-Event-ID) starts at the broker's newest position, or,
+on channels the hub already holds, at the hub's position (the last event it
+dispatched): then events published a moment before it connected may still
+reach it; none published after it connected is missed.
 
 Resets: a Last-Event-ID that is malformed, newer than the broker's newest
 position, older than the history's time-to-live, or whose next events were
@@ -34,11 +35,10 @@ import time
 
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
-from myapp.ids import format_id, milliseconds, parse
+from myapp.hub import HEARTBEAT, Heartbeat
+from myapp.ids import format_id
 
-__all__ = ["open_stream", "Stream", "HEARTBEAT"]
-
-HEARTBEAT = sse.comment()
+__all__ = ["open_stream", "Stream"]
 
 
 def open_stream(hub, channels, last_event_id=None, *, key=None, retry_ms=2000, lifetime=None):
@@ -56,42 +56,16 @@ def open_stream(hub, channels, last_event_id=None, *, key=None, retry_ms=2000, l
     Raise BrokerUnavailable (broker down) or TooManyStreams before anything
     is sent; the caller answers 503 or 429.
     """
-    broker = hub.broker
-    try:
-        head = broker.last_position()
-        subscription = hub.subscribe(channels, key=key)
-        try:
-            reset = None
-            if last_event_id is None:
-                start = head
-            else:
-                start = parse(last_event_id)
-                if start is None:
-                    reset = "malformed"
-                elif start > head:
-                    reset = "unknown"
-                elif milliseconds(head) - milliseconds(start) > broker.history_ttl * 1000:
-                    reset = "expired"
-            if reset is not None:
-                start = head
-            history = broker.history(channels, start)
-            if history.trimmed and reset is None:
-                reset = "trimmed"
-                start = head
-                history = broker.history(channels, start)
-        except BaseException:
-            subscription.close()
-            raise
-    finally:
-        broker.release()
+    subscription = hub.subscribe(channels, last_event_id=last_event_id, key=key)
     retry = random.randint(retry_ms, 2 * retry_ms)
     first = [sse.encode(comment="stream open", retry=retry)]
-    if reset is not None:
-        first.append(sse.encode(json.dumps({"reason": reset}), event=RESET_EVENT, id=format_id(start)))
+    start = format_id(subscription.start)
+    if subscription.reset is not None:
+        first.append(sse.encode(json.dumps({"reason": subscription.reset}), event=RESET_EVENT, id=start))
     else:
         opened = {"channels": list(channels), "resumed": last_event_id is not None}
-        first.append(sse.encode(json.dumps(opened), event=OPEN_EVENT, id=format_id(start)))
-    return Stream(_frames(hub, subscription, start, first, history.events, retry, lifetime), subscription)
+        first.append(sse.encode(json.dumps(opened), event=OPEN_EVENT, id=start))
+    return Stream(_frames(subscription, first, retry, lifetime), subscription)
 
 
 class Stream:
@@ -116,26 +90,20 @@ class Stream:
         self._subscription.close()
 
 
-def _frames(hub, subscription, pos, first, replay, retry, lifetime):
-    """Yield the stream's frames; close the subscription when the response closes."""
+def _frames(subscription, first, retry, lifetime):
+    """Yield the first frame, then each burst of queued items in one write; drop what was sent already."""
+    pos = subscription.start
+    deadline = time.monotonic() + lifetime if lifetime else None
+    out = first
     try:
-        for event in replay:
-            if event.pos > pos:
-                first.append(event.frame)
-                pos = event.pos
-        yield b"".join(first)
-        deadline = time.monotonic() + lifetime if lifetime else None
-        # The hub's heartbeats wake us; if none comes within two intervals
-        # the hub is gone and the stream must end rather than go silent.
-        patience = 2 * hub.heartbeat_interval + 1
         while True:
-            items = subscription.get(patience)
-            out = []
-            for item in items:
-                if type(item) is int:  # a heartbeat carrying the hub's position
-                    if item > pos:
-                        pos = item
-                        out.append(sse.encode(comment="", id=format_id(pos)))
+            # The hub's heartbeats wake this at least every heartbeat interval;
+            # closing the subscription (overflow, shutdown, hub death) wakes it too.
+            for item in subscription.get():
+                if type(item) is Heartbeat:
+                    if item.pos > pos:
+                        pos = item.pos
+                        out.append(item.frame)
                     else:
                         out.append(HEARTBEAT)
                 elif item.pos > pos:
@@ -147,15 +115,12 @@ def _frames(hub, subscription, pos, first, replay, retry, lifetime):
                 out.append(sse.encode(comment=f"closing: {subscription.closed}", retry=retry))
                 yield b"".join(out)
                 return
-            if not items and hub.stopped:
-                return
             if deadline is not None and time.monotonic() > deadline:
                 out.append(sse.encode(comment="closing: lifetime", retry=retry))
                 yield b"".join(out)
                 return
             if out:
                 yield b"".join(out)
-            elif not items:
-                yield HEARTBEAT
+                out = []
     finally:
         subscription.close()

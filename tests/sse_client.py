@@ -133,13 +133,19 @@ class SSEClient:
         self.response = session.get(url, stream=True, headers=headers, timeout=(5, timeout))
         self.status = self.response.status_code
         self.headers = self.response.headers
-        connection = self.response.raw.connection
-        self.local_port = connection.sock.getsockname()[1] if connection is not None and connection.sock else None
+        self.local_port = self._local_port()
         if self.status == 200:
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         else:
             self.ended.set()
+
+    def _local_port(self):
+        """The client side's TCP port (to find the server process holding the stream)."""
+        try:
+            return self.response.raw._fp.fp.raw._sock.getsockname()[1]  # http.client's socket
+        except AttributeError:
+            return None
 
     def _read(self):
         try:

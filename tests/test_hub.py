@@ -7,7 +7,7 @@ import pytest
 from myapp.brokers.memory import MemoryBroker, MemoryListener
 from myapp.events import Event
 from myapp.exceptions import BrokerUnavailable
-from myapp.hub import GAP, OVERFLOW, SHUTDOWN, TooManyStreams
+from myapp.hub import GAP, OVERFLOW, SHUTDOWN, Heartbeat, TooManyStreams
 from tests.conftest import wait_until
 
 
@@ -149,7 +149,7 @@ def test_closing_a_subscription_is_idempotent_and_frees_its_key(spy, hub_factory
 
 
 def test_heartbeats_carry_the_hub_position(spy, hub_factory):
-    """Every heartbeat interval each subscription gets the position (int) the hub has dispatched."""
+    """Every heartbeat interval each subscription gets the position the hub has dispatched."""
     hub = hub_factory(spy, heartbeat_interval=0.1)
     sub = hub.subscribe(["room:a"])
     hub.subscribe(["room:other"])
@@ -157,7 +157,7 @@ def test_heartbeats_carry_the_hub_position(spy, hub_factory):
     beats = []
 
     def heartbeat_at_pos():
-        beats.extend(item for item in sub.get(0.05) if type(item) is int)
+        beats.extend(item.pos for item in sub.get(0.05) if isinstance(item, Heartbeat))
         return beats and beats[-1] >= pos
 
     wait_until(heartbeat_at_pos, what="a heartbeat carrying the new position")

@@ -52,7 +52,8 @@ def test_stream_headers_first_frame_and_live_event(memory_broker, alice, users):
         assert first.startswith(b":stream open\nretry: ")
         parser = SSEParser()
         (opened,) = parser.feed(first)
-        assert (opened.type, json.loads(opened.data)) == ("stream.open", {"channels": ["user:1"], "resumed": False})
+        expected = {"channels": [user_channel(users[0])], "resumed": False}
+        assert (opened.type, json.loads(opened.data)) == ("stream.open", expected)
         assert 2000 <= parser.retry <= 4000
         event_id = send_event(user_channel(users[0]), "job.finished", {"job": 5})
         (message,) = read(response, parser)

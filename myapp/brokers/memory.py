@@ -85,7 +85,9 @@ class MemoryBroker(Broker):
                 retained = [entry for entry in self._channels.get(channel, ()) if entry[0].pos > after]
                 if retained and retained[0][1] > after:
                     trimmed.add(channel)
-                events.extend(event for event, _ in retained)
+                events.extend(
+                    Event(event.channel, event.pos, event.event_type, event.data, prev) for event, prev in retained
+                )
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed))
 

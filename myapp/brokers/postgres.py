@@ -193,7 +193,7 @@ class PostgresBroker(Broker):
                 seen.add(channel)
                 if prev > after:
                     trimmed.add(channel)
-            events.append(Event(channel, pos, event_type, data))
+            events.append(Event(channel, pos, event_type, data, prev))
         return History(events, frozenset(trimmed))
 
     def listener(self, hub_channel):

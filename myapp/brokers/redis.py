@@ -179,10 +179,13 @@ class RedisBroker(Broker):
             raise _unavailable(error) from error
         events, trimmed = [], set()
         for channel, entries in zip(channels, results, strict=True):
-            if entries and parse(entries[0][1][b"p"].decode()) > after:
-                trimmed.add(channel)
             for raw_id, fields in entries:
-                events.append(Event(channel, parse(raw_id.decode()), fields[b"t"].decode(), fields[b"d"].decode()))
+                prev = parse(fields[b"p"].decode())
+                events.append(
+                    Event(channel, parse(raw_id.decode()), fields[b"t"].decode(), fields[b"d"].decode(), prev)
+                )
+            if entries and events[-len(entries)].prev > after:
+                trimmed.add(channel)
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed))
 

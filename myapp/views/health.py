@@ -12,6 +12,7 @@ from myapp.hub import get_hub
 def healthz(request):
     """200 with the worker's stream and channel counts, or 503 while its broker connection is down."""
     hub = get_hub()
+    hub.available()  # a worker that just started answers once its first connection attempt ended
     stats = hub.stats()
     body = {"status": "ok" if stats["connected"] else "broker unavailable", "pid": os.getpid(), **stats}
     return JsonResponse(body, status=200 if stats["connected"] else 503)
