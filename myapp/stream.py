@@ -95,11 +95,12 @@ def _frames(subscription, first, retry, lifetime):
     pos = subscription.start
     deadline = time.monotonic() + lifetime if lifetime else None
     out = first
+    wait = 0  # the first frame and the replay leave at once, so headers do too
     try:
         while True:
             # The hub's heartbeats wake this at least every heartbeat interval;
             # closing the subscription (overflow, shutdown, hub death) wakes it too.
-            for item in subscription.get():
+            for item in subscription.get(wait):
                 if type(item) is Heartbeat:
                     if item.pos > pos:
                         pos = item.pos
@@ -122,5 +123,6 @@ def _frames(subscription, first, retry, lifetime):
             if out:
                 yield b"".join(out)
                 out = []
+            wait = None
     finally:
         subscription.close()

@@ -176,3 +176,17 @@ def test_stream_lifetime_ends_the_stream(broker, hub):
     while not reader.ended:
         reader.pull()
     assert reader.parser.comments[-1] == "closing: lifetime"
+
+
+def test_first_frame_leaves_at_once_even_with_nothing_queued(broker, hub_factory):
+    """The first frame (and so the response headers) does not wait for an event or a heartbeat."""
+    import threading
+
+    quiet_hub = hub_factory(broker, heartbeat_interval=60)
+    quiet_hub.subscribe(["room:a"])  # the channel is held: the new stream takes the fast path
+    frames = iter(open_stream(quiet_hub, ("room:a",)))
+    got = []
+    reader = threading.Thread(target=lambda: got.append(next(frames)), daemon=True)
+    reader.start()
+    reader.join(2)
+    assert got and b"event: stream.open" in got[0], "the first frame came at once"
