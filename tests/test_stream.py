@@ -178,11 +178,14 @@ def test_stream_lifetime_ends_the_stream(broker, hub):
     assert reader.parser.comments[-1] == "closing: lifetime"
 
 
-def test_first_frame_leaves_at_once_even_with_nothing_queued(broker, hub_factory):
+def test_first_frame_leaves_at_once_even_with_nothing_queued(broker, hub_factory, monkeypatch):
     """The first frame (and so the response headers) does not wait for an event or a heartbeat."""
     import threading
 
-    quiet_hub = hub_factory(broker, heartbeat_interval=60)
+    from myapp.hub import Hub
+
+    monkeypatch.setattr(Hub, "_heartbeats", lambda self: None)  # no heartbeat will come
+    quiet_hub = hub_factory(broker)
     quiet_hub.subscribe(["room:a"])  # the channel is held: the new stream takes the fast path
     frames = iter(open_stream(quiet_hub, ("room:a",)))
     got = []
