@@ -36,6 +36,7 @@ browser's last event id forward (see ``myapp.stream``).
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -62,6 +63,15 @@ MALFORMED = "malformed"  # the Last-Event-ID is not an id of ours
 UNKNOWN = "unknown"  # newer than anything the broker handed out
 EXPIRED = "expired"  # older than the history's time-to-live
 TRIMMED = "trimmed"  # events after it are no longer in the history
+
+def _patched_by_gevent():
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+#: True when threads are greenlets (gunicorn's gevent worker): then code that
+#: does not yield runs without interruption and needs no lock.
+_GREENLETS = _patched_by_gevent()
 
 #: Seconds between two heartbeat slices: each slice serves an equal share of
 #: the streams, so a heartbeat round never wakes every stream at once.
@@ -139,6 +149,10 @@ class Subscription:
         if not self._items and self.closed is None:
             self._wake.wait(timeout)
         self._wake.clear()
+        if _GREENLETS:
+            # One OS thread: nothing can run between these two reads and writes.
+            items, self._items = self._items, []
+            return items
         with self._hub._lock:
             items, self._items = self._items, []
         return items

@@ -202,7 +202,8 @@ class RedisListener(Listener):
         self._hub_channel = hub_channel
         self._channel_prefix = broker.prefix + "c:"
         self._skip = len(self._channel_prefix)
-        kwargs = dict(broker._connection_kwargs, retry=Retry(NoBackoff(), 0))
+        # RESP2: pub/sub messages parse faster than RESP3 push frames in redis-py.
+        kwargs = dict(broker._connection_kwargs, retry=Retry(NoBackoff(), 0), protocol=2)
         # Its own single connection: the hub must see every drop (redis-py
         # would otherwise reconnect and re-subscribe behind its back).
         self._client = redis.Redis(
