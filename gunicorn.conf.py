@@ -2,7 +2,7 @@
 
 Run: ``gunicorn -c gunicorn.conf.py config.wsgi`` (the README's run command does).
 Environment overrides: GUNICORN_BIND, WEB_CONCURRENCY, GUNICORN_WORKER_CONNECTIONS,
-GUNICORN_GRACEFUL_TIMEOUT, GUNICORN_ACCESS_LOG.
+GUNICORN_GRACEFUL_TIMEOUT, GUNICORN_ACCESS_LOG, GUNICORN_LOG_LEVEL.
 See docs/deployment.md for sizing.
 """
 
@@ -33,8 +33,9 @@ worker_class = "gevent"
 # for the streams you expect per worker plus headroom for page and API calls.
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "12000"))
 
-# Seconds of pending connections the kernel keeps while all workers are busy
-# accepting (the listen backlog, in connections).
+# Connections (a count, not seconds) the kernel queues on the listen socket
+# until a worker accepts them (the listen backlog); past it, Linux drops new
+# connection attempts and clients retry them. Capped by net.core.somaxconn.
 backlog = 4096
 
 # Seconds without a heartbeat from a worker before the arbiter kills it. Under
@@ -55,7 +56,8 @@ preload_app = False
 # gunicorn 27 opens a control socket under $HOME by default; not wanted here.
 control_socket_disable = True
 
-# Access log to stdout ("-") or a path; error log to stderr.
+# Access log to stdout ("-") or a path; error log to stderr; log level
+# (debug, info, warning, error, critical).
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
@@ -71,6 +73,11 @@ def post_worker_init(worker):
     import gevent
     from django.core import checks
 
+    from myapp import checks as myapp_checks
+
+    # The real worker count (-w, WEB_CONCURRENCY or `workers` above), for the
+    # memory-broker check: the environment alone misses `-w N`.
+    myapp_checks.server_workers = worker.cfg.workers
     problems = [message for message in checks.run_checks(tags=["myapp"]) if message.is_serious()]
     for message in problems:
         worker.log.error("%s", message)

@@ -12,6 +12,26 @@ from myapp.exceptions import BrokerConfigurationError
 
 TAG = "myapp"
 
+#: Worker processes of the gunicorn server this process runs in (int), or None
+#: outside gunicorn. gunicorn.conf.py's post_worker_init sets it from
+#: ``worker.cfg.workers`` (the count gunicorn really started: ``-w``/``--workers``,
+#: WEB_CONCURRENCY or the config file's default) before it runs these checks.
+#: When it is None, check_broker reads WEB_CONCURRENCY, and without it assumes
+#: one process (``runserver``, ``manage.py`` commands).
+server_workers = None
+
+
+def _worker_count():
+    """Return (worker processes, where the number came from) for the memory-broker check.
+
+    The number is None when WEB_CONCURRENCY is not a number (gunicorn refuses
+    to start then anyway).
+    """
+    if server_workers is not None:
+        return server_workers, f"gunicorn runs {server_workers} workers"
+    workers = os.environ.get("WEB_CONCURRENCY", "1")
+    return (int(workers) if workers.isdigit() else None), f"WEB_CONCURRENCY={workers} starts several gunicorn workers"
+
 
 @checks.register(TAG)
 def check_broker(app_configs=None, **kwargs):
@@ -20,13 +40,14 @@ def check_broker(app_configs=None, **kwargs):
         broker = load_broker(setting("MYAPP_BROKER"))
     except BrokerConfigurationError as error:
         return [checks.Error(str(error), id="myapp.E001")]
-    workers = os.environ.get("WEB_CONCURRENCY", "1")
-    if not broker.supports_multiple_processes and workers.isdigit() and int(workers) > 1:
+    workers, source = _worker_count()
+    if not broker.supports_multiple_processes and workers is not None and workers > 1:
         errors.append(
             checks.Error(
-                f"{type(broker).__name__} keeps events inside one process, but WEB_CONCURRENCY={workers} "
-                "starts several gunicorn workers: most streams would miss most events.",
-                hint="Use myapp.brokers.redis.RedisBroker or myapp.brokers.postgres.PostgresBroker, or run one worker.",
+                f"{type(broker).__name__} keeps events inside one process, but {source}: "
+                "most streams would miss most events.",
+                hint="Use myapp.brokers.redis.RedisBroker or myapp.brokers.postgres.PostgresBroker, "
+                "or run one worker (gunicorn -w 1, or WEB_CONCURRENCY=1).",
                 id="myapp.E002",
             )
         )

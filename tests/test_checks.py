@@ -49,11 +49,27 @@ def test_bad_broker_config_raises_improperly_configured(config, message):
 
 
 def test_memory_broker_with_several_workers_is_an_error(settings, monkeypatch):
-    """The memory broker is flagged when WEB_CONCURRENCY starts more than one worker."""
+    """Outside gunicorn, the memory broker is flagged when WEB_CONCURRENCY starts more than one worker."""
     settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.memory.MemoryBroker"}
+    monkeypatch.setattr(checks, "server_workers", None)
     monkeypatch.setenv("WEB_CONCURRENCY", "2")
-    assert [error.id for error in checks.check_broker()] == ["myapp.E002"]
+    (error,) = checks.check_broker()
+    assert error.id == "myapp.E002" and "WEB_CONCURRENCY=2" in error.msg and "gunicorn -w 1" in error.hint
     monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    assert checks.check_broker() == []
+    monkeypatch.delenv("WEB_CONCURRENCY")
+    assert checks.check_broker() == [], "runserver and manage.py commands are one process"
+
+
+def test_gunicorns_real_worker_count_wins_over_the_environment(settings, monkeypatch):
+    """Inside gunicorn the check counts the workers gunicorn started, whatever WEB_CONCURRENCY says."""
+    settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.memory.MemoryBroker"}
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    monkeypatch.setattr(checks, "server_workers", 3)
+    (error,) = checks.check_broker()
+    assert error.id == "myapp.E002" and "gunicorn runs 3 workers" in error.msg
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    monkeypatch.setattr(checks, "server_workers", 1)
     assert checks.check_broker() == []
 
 
@@ -115,16 +131,25 @@ def test_unknown_backend_env_fails_at_start_up(tmp_path):
     assert "MYAPP_BROKER_BACKEND='rabbit': use one of redis, postgres, memory" in result.stderr
 
 
-def test_gunicorn_refuses_memory_broker_with_two_workers(tmp_path):
-    """gunicorn's workers run the checks at boot and stop the server instead of serving split brains."""
-    env = _env(tmp_path, MYAPP_BROKER_BACKEND="memory", WEB_CONCURRENCY="2", GUNICORN_BIND=f"127.0.0.1:{free_port()}")
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "config.wsgi"],
+def _gunicorn(tmp_path, *args, **extra):
+    env = _env(tmp_path, MYAPP_BROKER_BACKEND="memory", GUNICORN_BIND=f"127.0.0.1:{free_port()}", **extra)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", *args, "config.wsgi"],
         cwd=BASE,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [((), {}), (("-w", "2"), {"WEB_CONCURRENCY": "1"})],
+    ids=["config default of 2 workers", "-w 2 over WEB_CONCURRENCY=1"],
+)
+def test_gunicorn_refuses_memory_broker_with_two_workers(tmp_path, args, extra):
+    """gunicorn workers check the worker count gunicorn really started, and stop the server rather than split events."""
+    result = _gunicorn(tmp_path, *args, **extra)
     assert result.returncode != 0
-    assert "myapp.E002" in result.stderr
+    assert "myapp.E002" in result.stderr and "gunicorn runs 2 workers" in result.stderr
