@@ -64,6 +64,7 @@ UNKNOWN = "unknown"  # newer than anything the broker handed out
 EXPIRED = "expired"  # older than the history's time-to-live
 TRIMMED = "trimmed"  # events after it are no longer in the history
 
+
 def _patched_by_gevent():
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and monkey.is_module_patched("threading")
@@ -487,6 +488,17 @@ class Hub:
             return 0
         try:
             history = self.broker.history(channels, self._position)
+            if history.epoch > self._position:
+                # The broker lost its data while we were away (e.g. Redis
+                # restarted without persistence). Open streams were live until
+                # the drop, so they go on with everything the new history holds;
+                # whatever was published between the drop and the loss is gone.
+                log.warning(
+                    "hub: the broker's history starts again at %s (its data was lost); "
+                    "events published before that and not yet received are gone",
+                    format_id(history.epoch),
+                )
+                history = self.broker.history(channels, history.epoch)
         finally:
             self.broker.release()
         for event in history.events:

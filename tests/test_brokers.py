@@ -7,7 +7,7 @@ from django.db import transaction
 
 from myapp.brokers.base import Subscribed
 from myapp.events import Event
-from myapp.ids import format_id, parse
+from myapp.ids import format_id, milliseconds, parse
 from myapp.publish import send_event
 from myapp.stream import open_stream
 from tests.conftest import wait_until
@@ -128,6 +128,45 @@ def test_publisher_id_makes_publishing_idempotent(broker, collector):
     assert [e.data for e in collector.wait_events(2)] == ["once", "other"]
     collector.pump(0.2)
     assert len(collector.events) == 2
+
+
+def test_publisher_ids_are_scoped_to_their_channel(broker, collector):
+    """The same publisher id on two channels, or ids that would collide if joined naively, publish both."""
+    collector.subscribe("a", "a:b")
+    first = broker.publish("a", "t", "one", key="b:c")
+    second = broker.publish("a:b", "t", "two", key="c")
+    third = broker.publish("a:b", "t", "three", key="b:c")
+    assert len({first, second, third}) == 3
+    assert [e.data for e in collector.wait_events(3)] == ["one", "two", "three"]
+
+
+def test_redis_history_after_a_data_loss_reports_every_channel_trimmed(redis_broker):
+    """A Redis server that lost its data starts a new epoch: ids from before it cannot be resumed."""
+    before = redis_broker.publish("room:a", "t", "lost")
+    _wipe(redis_broker)
+    # A real restart takes far longer than the millisecond that positions count.
+    wait_until(lambda: _server_ms(redis_broker) > milliseconds(before), what="the server clock to move on")
+    after = redis_broker.publish("room:a", "t", "kept")
+    history = redis_broker.history(["room:a", "room:quiet"], before)
+    assert before < history.epoch < after
+    assert history.trimmed == frozenset({"room:a", "room:quiet"}), "what followed `before` may be gone"
+    since_epoch = redis_broker.history(["room:a", "room:quiet"], history.epoch)
+    assert [e.data for e in since_epoch.events] == ["kept"]
+    assert since_epoch.trimmed == frozenset()
+    assert redis_broker.history(["room:a"], after).trimmed == frozenset(), "ids of the new epoch resume"
+
+
+def _server_ms(redis_broker):
+    seconds, microseconds = redis_broker._client.time()
+    return seconds * 1000 + microseconds // 1000
+
+
+def _wipe(redis_broker):
+    """Delete every key of the broker, as a restart without persistence does."""
+    client = redis_broker._client
+    keys = list(client.scan_iter(match=redis_broker.prefix + "*"))
+    if keys:
+        client.delete(*keys)
 
 
 def test_marker_comes_back_with_a_position(broker):

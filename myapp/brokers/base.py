@@ -33,12 +33,18 @@ class History(NamedTuple):
     events: list of ``myapp.events.Event`` in ascending position, all
         requested channels merged.
     trimmed: frozenset of the channels that had events after the position
-        which are no longer retained (trimmed by length or age): a stream
-        resuming those channels from that position would miss events.
+        which are no longer retained (trimmed by length or age, or lost
+        with the broker's data): a stream resuming those channels from that
+        position would miss events.
+    epoch: the position where the broker's retained order begins (int): 0
+        while it never lost its data, else the position at which it started
+        again (e.g. a Redis server restarted without persistence). Every
+        channel counts as trimmed for a position between 0 and the epoch.
     """
 
     events: list
     trimmed: frozenset
+    epoch: int = 0
 
 
 class Subscribed(NamedTuple):

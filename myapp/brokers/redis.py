@@ -3,17 +3,26 @@
 Keys, under ``key_prefix`` (default ``"myapp:"``):
 
 - ``pos``: the newest position handed out, as ``"<ms>-<seq>"``;
+- ``epoch``: the position where this server's history begins (set with
+  ``pos`` when the server has none, e.g. after a restart that lost its data);
 - ``h:<channel>``: the channel's history, a Redis stream whose entry ids are
   the event positions, with fields ``t`` (event type), ``d`` (data) and ``p``
-  (the channel's previous position, to detect trimmed gaps). Capped at
-  ``history_length`` entries (exact ``MAXLEN``) and ``history_ttl`` seconds
-  (``XTRIM MINID``); the key expires ``history_ttl`` after the last publish;
-- ``k:<channel>:<key>``: a publisher-chosen id, kept ``history_ttl`` seconds;
+  (the channel's previous position, or ``epoch`` for its first event, to
+  detect gaps). Capped at ``history_length`` entries (exact ``MAXLEN``) and
+  ``history_ttl`` seconds (``XTRIM MINID``); the key expires ``history_ttl``
+  after the last publish;
+- ``k:<channel> <key>``: a publisher-chosen id, kept ``history_ttl`` seconds
+  (a space, outside the channel charset, separates the two);
 - pub/sub channel ``c:<channel>``, carrying ``"<id>\\n<event type>\\n<data>"``.
 
 One Lua script does it all (next position from the server's ``TIME``,
 history, ``PUBLISH``): scripts run atomically, so positions increase in the
 exact order in which subscribers receive messages, across all channels.
+
+Restarts: with persistence (AOF or RDB) the history survives and streams
+resume across a restart. A server that lost its data starts a new ``epoch``:
+a Last-Event-ID from before it cannot be resumed (``History.trimmed``), as the
+events published between it and the loss are gone; the stream resets.
 
 Memory: a stream entry costs its data plus roughly 30-60 bytes; see
 docs/benchmarks for the measured cost per 1,000 events.
@@ -35,40 +44,64 @@ from .base import Broker, History, Listener, Subscribed
 
 __all__ = ["RedisBroker"]
 
-_PUBLISH = """
+# KEYS: pos, epoch. Returns the newest position, starting a new epoch when
+# the server has none (first use, or a restart that lost the data).
+_HEAD = """
+local function head()
+  local last = redis.call('GET', KEYS[1])
+  if last then return last end
+  local t = redis.call('TIME')
+  last = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('SET', KEYS[1], last)
+  redis.call('SET', KEYS[2], last)
+  return last
+end
+"""
+
+_POSITION = (
+    _HEAD
+    + """
+return {head(), redis.call('GET', KEYS[2])}
+"""
+)
+
+# KEYS: pos, epoch, history stream, publisher id key.
+# ARGV: pub/sub channel, event type, data, history length, ttl (ms), has id.
+_PUBLISH = (
+    _HEAD
+    + """
 if ARGV[6] == '1' then
-  local found = redis.call('GET', KEYS[3])
+  local found = redis.call('GET', KEYS[4])
   if found then return found end
 end
+local last = head()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ms, seq = now, 0
-local last = redis.call('GET', KEYS[1])
-if last then
-  local dash = string.find(last, '-', 1, true)
-  local last_ms = tonumber(string.sub(last, 1, dash - 1))
-  if last_ms >= now then
-    ms = last_ms
-    seq = tonumber(string.sub(last, dash + 1)) + 1
-    if seq > 4194303 then ms = ms + 1; seq = 0 end
-  end
+local dash = string.find(last, '-', 1, true)
+local last_ms = tonumber(string.sub(last, 1, dash - 1))
+if last_ms >= now then
+  ms = last_ms
+  seq = tonumber(string.sub(last, dash + 1)) + 1
+  if seq > 4194303 then ms = ms + 1; seq = 0 end
 end
 local id = string.format('%d-%d', ms, seq)
 redis.call('SET', KEYS[1], id)
 local length = tonumber(ARGV[4])
 if length > 0 then
   local ttl = tonumber(ARGV[5])
-  local prev = '0-0'
-  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if newest[1] then prev = newest[1][1] end
-  redis.call('XADD', KEYS[2], 'MAXLEN', length, id, 't', ARGV[2], 'd', ARGV[3], 'p', prev)
-  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', now - ttl))
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  if ARGV[6] == '1' then redis.call('SET', KEYS[3], id, 'PX', ttl) end
+  local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  local prev
+  if newest[1] then prev = newest[1][1] else prev = redis.call('GET', KEYS[2]) end
+  redis.call('XADD', KEYS[3], 'MAXLEN', length, id, 't', ARGV[2], 'd', ARGV[3], 'p', prev)
+  redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d', now - ttl))
+  redis.call('PEXPIRE', KEYS[3], ttl)
+  if ARGV[6] == '1' then redis.call('SET', KEYS[4], id, 'PX', ttl) end
 end
 redis.call('PUBLISH', ARGV[1], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return id
 """
+)
 
 
 def _unavailable(error):
@@ -137,12 +170,14 @@ class RedisBroker(Broker):
         self.prefix = key_prefix
         self._client = redis.Redis(connection_pool=self._pool)
         self._script = self._client.register_script(_PUBLISH)
+        self._position_script = self._client.register_script(_POSITION)
         self._ttl_ms = int(self.history_ttl * 1000)
+        self._head_keys = [self.prefix + "pos", self.prefix + "epoch"]
 
     def _run_script(self, channel_key, history_key, key_key, event_type, data, length, has_key):
         try:
             raw = self._script(
-                keys=[self.prefix + "pos", history_key, key_key],
+                keys=[*self._head_keys, history_key, key_key],
                 args=[channel_key, event_type, data, length, self._ttl_ms, "1" if has_key else "0"],
             )
         except (redis.RedisError, OSError) as error:
@@ -151,7 +186,7 @@ class RedisBroker(Broker):
 
     def publish(self, channel, event_type, data, *, key=None):
         history_key = self.prefix + "h:" + channel
-        key_key = self.prefix + "k:" + channel + ":" + key if key is not None else history_key
+        key_key = self.prefix + "k:" + channel + " " + key if key is not None else history_key
         return self._run_script(
             self.prefix + "c:" + channel, history_key, key_key, event_type, data, self.history_length, key is not None
         )
@@ -162,21 +197,23 @@ class RedisBroker(Broker):
 
     def last_position(self):
         try:
-            raw = self._client.get(self.prefix + "pos")
+            head, _ = self._position_script(keys=self._head_keys)
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
-        return parse(raw.decode()) or 0 if raw else 0
+        return parse(head.decode()) or 0
 
     def history(self, channels, after):
         channels = list(dict.fromkeys(channels))
         start = "(" + format_id(after)
         try:
             with self._client.pipeline(transaction=False) as pipe:
+                self._position_script(keys=self._head_keys, client=pipe)
                 for channel in channels:
                     pipe.xrange(self.prefix + "h:" + channel, start, "+", count=self.history_length)
-                results = pipe.execute()
+                (_, raw_epoch), *results = pipe.execute()
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
+        epoch = parse(raw_epoch.decode()) or 0 if raw_epoch else 0
         events, trimmed = [], set()
         for channel, entries in zip(channels, results, strict=True):
             for raw_id, fields in entries:
@@ -184,10 +221,12 @@ class RedisBroker(Broker):
                 events.append(
                     Event(channel, parse(raw_id.decode()), fields[b"t"].decode(), fields[b"d"].decode(), prev)
                 )
-            if entries and events[-len(entries)].prev > after:
+            # Before the epoch the server lost its data: whatever the channel
+            # had after ``after`` is gone, entries or not.
+            if 0 < after < epoch or (entries and events[-len(entries)].prev > after):
                 trimmed.add(channel)
         events.sort(key=lambda event: event.pos)
-        return History(events, frozenset(trimmed))
+        return History(events, frozenset(trimmed), epoch)
 
     def listener(self, hub_channel):
         return RedisListener(self, hub_channel)
