@@ -2,6 +2,9 @@
 
 Environment:
 - DATABASE_URL: Django's database (dj-database-url syntax); default SQLite in var/.
+- DATABASE_POOL_SIZE: PostgreSQL only, most pooled connections per process; default 10.
+- DATABASE_POOL_TIMEOUT: PostgreSQL only, seconds a request waits for a pooled
+  connection before its 503 (or BrokerUnavailable); default 5.
 - REDIS_URL: the Redis/Valkey server for the Redis broker; default redis://127.0.0.1:6379/0.
 - MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
 - DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
@@ -95,10 +98,24 @@ else:
     options.setdefault("connect_timeout", 5)  # seconds
     # A pool per process (psycopg_pool, Django >= 5.1): thousands of streams
     # opening at once share a few connections for their session lookups
-    # instead of exhausting max_connections. Connections wait up to
-    # `timeout` seconds for a free one.
+    # instead of exhausting max_connections. A request waits up to `timeout`
+    # seconds for a free connection; while the database is down no
+    # connection comes, so this is also how long every request and every
+    # send_event waits before its 503 / BrokerUnavailable. Kept as short as
+    # connect_timeout.
+    # The pool retries a failed connect with doubling delays (1, 2, 4, 8 ...
+    # s) for up to `reconnect_timeout` seconds (psycopg_pool's default: 300):
+    # after a one-minute outage it would stay down up to a minute longer than
+    # the database. 10 s caps the delay at 4 s; after that the next request
+    # starts a new attempt at once.
     options.setdefault(
-        "pool", {"min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "10")), "timeout": 20}
+        "pool",
+        {
+            "min_size": 1,
+            "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "10")),
+            "timeout": float(os.environ.get("DATABASE_POOL_TIMEOUT", "5")),  # seconds
+            "reconnect_timeout": 10.0,  # seconds
+        },
     )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
