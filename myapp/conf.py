@@ -26,11 +26,20 @@ DEFAULTS = {
     # authorized again (bounds how long a revoked user keeps listening);
     # None for no limit.
     "MYAPP_STREAM_LIFETIME_SECONDS": 3600.0,
+    # Whether the hub writes events straight to idle streams' sockets (one
+    # non-blocking send each, no greenlet wake-up; see myapp/sink.py). Turn it
+    # off behind gunicorn's uwsgi protocol or a WSGI middleware that rewrites
+    # response bodies.
+    "MYAPP_DIRECT_WRITES": True,
     # Seconds a write to a client may block before the connection is dropped.
     "MYAPP_SEND_TIMEOUT_SECONDS": 30.0,
     # Channels one stream may carry.
     "MYAPP_MAX_CHANNELS_PER_STREAM": 10,
-    # Streams one user (or token) may hold per worker process; None for no limit.
+    # Streams one logged-in user may hold in one worker process (each worker
+    # counts its own, so a user may hold this many per worker); None for no
+    # limit. Counted by user: streams opened with a subscription token and no
+    # session are never counted, so a public board's shared token serves any
+    # number of viewers.
     "MYAPP_MAX_STREAMS_PER_USER": 10,
     # Characters in a channel name.
     "MYAPP_MAX_CHANNEL_LENGTH": 128,

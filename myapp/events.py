@@ -8,6 +8,7 @@ import re
 from . import sse
 from .exceptions import InvalidEvent
 from .ids import format_id
+from .sink import chunk
 
 __all__ = [
     "Event",
@@ -52,10 +53,12 @@ class Event:
         from position p has a gap if its first event's ``prev`` is after p.
 
     ``frame`` is the complete SSE frame (bytes), encoded once per process on
-    first use and shared by every stream that carries the event.
+    first use and shared by every stream that carries the event; ``chunk``
+    is the same frame as one HTTP/1.1 chunk, for direct writes
+    (``myapp.sink``).
     """
 
-    __slots__ = ("channel", "pos", "event_type", "data", "prev", "_frame")
+    __slots__ = ("channel", "pos", "event_type", "data", "prev", "_frame", "_chunk")
 
     def __init__(self, channel, pos, event_type, data, prev=0):
         self.channel = channel
@@ -64,6 +67,7 @@ class Event:
         self.data = data
         self.prev = prev
         self._frame = None
+        self._chunk = None
 
     @property
     def id(self):
@@ -75,6 +79,13 @@ class Event:
         if frame is None:
             frame = self._frame = sse.encode(self.data, event=self.event_type, id=format_id(self.pos))
         return frame
+
+    @property
+    def chunk(self):
+        wire = self._chunk
+        if wire is None:
+            wire = self._chunk = chunk(self.frame)
+        return wire
 
     def __repr__(self):
         return f"<Event {self.channel} {self.id} {self.event_type} {self.data[:40]!r}>"

@@ -25,6 +25,12 @@ position it saw, so open streams go on without a gap. Channels whose history
 was trimmed meanwhile are closed (their browsers reconnect and reset). While
 disconnected, ``subscribe`` raises ``BrokerUnavailable`` at once.
 
+Direct writes: while a stream waits with nothing queued, the hub sends each
+event (and heartbeat) straight to its socket with one non-blocking send, and
+wakes the stream's greenlet only when the socket takes less than all of it
+(see ``myapp.sink``). A broadcast to thousands of idle streams is then one
+system call per stream and no greenlet switch.
+
 Liveness: every ``heartbeat_interval`` seconds the hub publishes a marker on
 its private channel through its own listener; a marker that does not come back
 within ``liveness_timeout`` seconds means the connection is dead (e.g. a
@@ -46,8 +52,9 @@ from myapp import sse
 from myapp.brokers.base import HUB_CHANNEL_PREFIX, Subscribed, Trimmed
 from myapp.exceptions import BrokerUnavailable
 from myapp.ids import format_id, milliseconds, parse
+from myapp.sink import chunk
 
-__all__ = ["Hub", "Subscription", "Heartbeat", "TooManyStreams", "get_hub", "shutdown", "reset"]
+__all__ = ["Hub", "Subscription", "Heartbeat", "Tail", "TooManyStreams", "get_hub", "shutdown", "reset"]
 
 log = logging.getLogger("myapp.hub")
 
@@ -57,6 +64,7 @@ SHUTDOWN = "shutdown"  # the worker is stopping (deploy)
 GAP = "gap"  # events were lost during a broker outage; the browser must resume
 HUB_STOPPED = "hub stopped"
 UNSUBSCRIBED = "unsubscribed"
+DISCONNECTED = "disconnected"  # a direct write found the connection gone
 
 #: Reasons a subscription starts with a reset instead of resuming (``Subscription.reset``).
 MALFORMED = "malformed"  # the Last-Event-ID is not an id of ours
@@ -87,28 +95,51 @@ class Heartbeat:
     """A queue item: write a heartbeat; ``pos`` is the hub's position when it was sent.
 
     ``frame`` is the heartbeat comment with an ``id:`` line for ``pos``
-    (encoded once per slice and shared); ``HEARTBEAT`` has none.
+    (encoded once per slice and shared), ``chunk`` the same as one HTTP/1.1
+    chunk; ``HEARTBEAT`` has no id.
     """
 
-    __slots__ = ("pos", "frame")
+    __slots__ = ("pos", "frame", "chunk")
 
     def __init__(self, pos):
         self.pos = pos
         self.frame = sse.encode(comment="", id=format_id(pos))
+        self.chunk = chunk(self.frame)
 
 
 #: A heartbeat frame without an id (the stream already sent that position).
 HEARTBEAT = sse.comment()
+HEARTBEAT_CHUNK = chunk(HEARTBEAT)
+
+
+class Tail:
+    """A queue item: bytes a direct write left unsent; the stream writes them as they are, first.
+
+    data: the rest of the frame, already framed for the wire (bytes).
+    pos: the subscription's position once they are written (int).
+    """
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data, pos):
+        self.data = data
+        self.pos = pos
 
 
 class Subscription:
     """One stream's view of the hub: its channels, start and bounded queue.
 
     ``start`` is the position the stream starts from (int) and ``reset`` the
-    reason it could not resume from its Last-Event-ID (a str), or None. The
-    queue holds ``myapp.events.Event`` objects (the replay first, then live
-    events) and ``Heartbeat`` items; the stream takes them in batches with
-    ``get``. ``closed`` is None while open, else the reason (a str).
+    reason it could not resume from its Last-Event-ID (a str), or None.
+    ``pos`` is the position the client has been sent (int): the stream and
+    the hub's direct writes skip anything at or before it. The queue holds
+    ``myapp.events.Event`` objects (the replay first, then live events),
+    ``Heartbeat`` items and ``Tail`` items; the stream takes them in batches
+    with ``get``. ``closed`` is None while open, else the reason (a str).
+
+    ``direct`` is None, or the ``myapp.sink.Sink`` of the stream's socket once
+    its response has started: then the hub writes to it directly while the
+    stream waits in ``get`` with nothing queued.
     """
 
     __slots__ = (
@@ -117,6 +148,9 @@ class Subscription:
         "start",
         "reset",
         "closed",
+        "pos",
+        "direct",
+        "_sink",
         "_resume",
         "_items",
         "_wake",
@@ -133,6 +167,9 @@ class Subscription:
         self.start = 0
         self.reset = None
         self.closed = None
+        self.pos = 0
+        self.direct = None
+        self._sink = None  # ``direct`` while parked in get(), else None
         self._resume = None
         self._items = []
         self._wake = threading.Event()
@@ -146,16 +183,41 @@ class Subscription:
         timeout: seconds (float), or None to wait until an item arrives or the
         subscription closes (heartbeats arrive every heartbeat interval).
         Returns an empty list on timeout.
+
+        With ``direct`` set, the wait parks the subscription: the hub writes
+        to the socket itself meanwhile and wakes it only for what it could
+        not write at once (a ``Tail``), a close, or a full socket.
         """
         if not self._items and self.closed is None:
-            self._wake.wait(timeout)
+            sink = self.direct
+            if sink is None or timeout == 0:
+                self._wake.wait(timeout)
+            elif _GREENLETS:
+                # One OS thread: the hub runs only while this greenlet waits.
+                self._sink = sink
+                try:
+                    self._wake.wait(timeout)
+                finally:
+                    self._sink = None
+            else:
+                # Threads: park and unpark under the lock the hub writes under,
+                # so a direct write never overlaps the stream's own writes.
+                with self._hub._lock:
+                    if not self._items and self.closed is None:
+                        self._sink = sink
+                try:
+                    self._wake.wait(timeout)
+                finally:
+                    with self._hub._lock:
+                        self._sink = None
         self._wake.clear()
         if _GREENLETS:
             # One OS thread: nothing can run between these two reads and writes.
             items, self._items = self._items, []
-            return items
-        with self._hub._lock:
-            items, self._items = self._items, []
+        else:
+            with self._hub._lock:
+                items, self._items = self._items, []
+        self._maxsize = self._hub.queue_size  # the replay's extra room is used up
         return items
 
     def close(self):
@@ -326,7 +388,7 @@ class Hub:
             self._subscriptions.add(subscription)
             if key is not None:
                 self._keys[key] += 1
-            subscription.start = self._position
+            subscription.start = subscription.pos = self._position
             if subscription._resume is None and all(channel in self._confirmed for channel in channels):
                 # Fresh, on channels already held: every event after the hub's
                 # position reaches it live, so it needs no replay.
@@ -360,6 +422,7 @@ class Hub:
             if subscription.closed is not None:
                 return
             subscription.closed = reason
+            subscription.direct = subscription._sink = None
             self._subscriptions.discard(subscription)
             if subscription._slice is not None:
                 self._slices[subscription._slice].discard(subscription)
@@ -634,30 +697,39 @@ class Hub:
             if replay is None:
                 sub.reset, sub.start = TRIMMED, head
                 replay = replay_of(sub)
+            sub.pos = sub.start
             sub._items.extend(replay)
             sub._maxsize += len(replay)
 
     def _dispatch(self, event):
-        """Copy ``event`` into the queue of every active subscription on its channel."""
-        overflowed = None
+        """Write ``event`` to every parked subscription on its channel and queue it for the others."""
+        closing = None
+        pos = event.pos
         with self._lock:
-            if event.pos <= self._position:
+            if pos <= self._position:
                 return  # already dispatched (history and live overlap after a reconnect)
             holders = self._channels.get(event.channel)
             if holders:
                 for subscription in holders:
+                    sink = subscription._sink
+                    if sink is not None:
+                        if pos > subscription.pos:
+                            reason = _write(subscription, sink, event.chunk if sink.chunked else event.frame, pos)
+                            if reason is not None:
+                                closing = closing or []
+                                closing.append((subscription, reason))
+                        continue
                     items = subscription._items
                     if len(items) < subscription._maxsize:
                         items.append(event)
                         subscription._wake.set()
                     else:
-                        if overflowed is None:
-                            overflowed = []
-                        overflowed.append(subscription)
-            self._position = event.pos
-        if overflowed:
-            for subscription in overflowed:
-                self._close(subscription, OVERFLOW)
+                        closing = closing or []
+                        closing.append((subscription, OVERFLOW))
+            self._position = pos
+        if closing:
+            for subscription, reason in closing:
+                self._close(subscription, reason)
 
     # -- heartbeats ------------------------------------------------------------
 
@@ -667,9 +739,20 @@ class Hub:
         index = 0
         try:
             while not self._stop.wait(step):
+                dead = None
                 with self._lock:
                     beat = Heartbeat(self._position)
                     for subscription in self._slices[index]:
+                        sink = subscription._sink
+                        if sink is not None:
+                            if beat.pos > subscription.pos:
+                                wire, pos = (beat.chunk if sink.chunked else beat.frame), beat.pos
+                            else:
+                                wire, pos = (HEARTBEAT_CHUNK if sink.chunked else HEARTBEAT), subscription.pos
+                            if _write(subscription, sink, wire, pos) is not None:
+                                dead = dead or []
+                                dead.append(subscription)
+                            continue
                         items = subscription._items
                         if items and type(items[-1]) is Heartbeat:
                             items[-1] = beat  # a stalled stream keeps one heartbeat, not many
@@ -677,10 +760,31 @@ class Hub:
                             items.append(beat)
                         subscription._wake.set()
                 index = (index + 1) % len(self._slices)
+                if dead:
+                    for subscription in dead:
+                        self._close(subscription, DISCONNECTED)
         finally:
             if not self.stopped:
                 log.error("hub: heartbeat thread ended; closing all streams")
                 self.stop()
+
+
+def _write(subscription, sink, wire, pos):
+    """Send ``wire`` to a parked subscription's socket (call with the hub's lock held).
+
+    What the socket does not take at once goes to the stream as a ``Tail``,
+    which unparks it. Return None, or DISCONNECTED if the connection is gone.
+    """
+    try:
+        sent = sink.send(wire)
+    except OSError:
+        return DISCONNECTED
+    subscription.pos = pos
+    if sent < len(wire):
+        subscription._sink = None
+        subscription._items.append(Tail(wire[sent:], pos))
+        subscription._wake.set()
+    return None
 
 
 # -- the process's hub ---------------------------------------------------------

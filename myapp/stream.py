@@ -35,7 +35,7 @@ import time
 
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
-from myapp.hub import HEARTBEAT, Heartbeat
+from myapp.hub import DISCONNECTED, HEARTBEAT, Heartbeat, Tail
 from myapp.ids import format_id
 
 __all__ = ["open_stream", "Stream"]
@@ -65,7 +65,9 @@ def open_stream(hub, channels, last_event_id=None, *, key=None, retry_ms=2000, l
     else:
         opened = {"channels": list(channels), "resumed": last_event_id is not None}
         first.append(sse.encode(json.dumps(opened), event=OPEN_EVENT, id=start))
-    return Stream(_frames(subscription, first, retry, lifetime), subscription)
+    stream = Stream(None, subscription)
+    stream._frames = _frames(stream, subscription, first, retry, lifetime)
+    return stream
 
 
 class Stream:
@@ -76,11 +78,23 @@ class Stream:
     server never started iterating (so no subscription can leak).
     """
 
-    __slots__ = ("_frames", "_subscription")
+    __slots__ = ("_frames", "_subscription", "_sink", "_response")
 
     def __init__(self, frames, subscription):
         self._frames = frames
         self._subscription = subscription
+        self._sink = None
+        self._response = None
+
+    def write_directly(self, sink, response):
+        """Let the hub write to ``sink`` (a ``myapp.sink.Sink``, or None) once the response has started.
+
+        response: the ``StreamingHttpResponse``; if a middleware gave it a
+        ``Content-Encoding`` (compression rewrites the body), direct writes
+        stay off.
+        """
+        self._sink = sink
+        self._response = response
 
     def __iter__(self):
         return self._frames
@@ -89,10 +103,17 @@ class Stream:
         self._frames.close()
         self._subscription.close()
 
+    def _direct(self):
+        """The sink to enable once the first frame has left, or None."""
+        sink, response = self._sink, self._response
+        self._response = None
+        if sink is None or response is None or response.has_header("Content-Encoding"):
+            return None
+        return sink
 
-def _frames(subscription, first, retry, lifetime):
+
+def _frames(stream, subscription, first, retry, lifetime):
     """Yield the first frame, then each burst of queued items in one write; drop what was sent already."""
-    pos = subscription.start
     deadline = time.monotonic() + lifetime if lifetime else None
     out = first
     wait = 0  # the first frame and the replay leave at once, so headers do too
@@ -101,19 +122,30 @@ def _frames(subscription, first, retry, lifetime):
             # The hub's heartbeats wake this at least every heartbeat interval;
             # closing the subscription (overflow, shutdown, hub death) wakes it too.
             for item in subscription.get(wait):
-                if type(item) is Heartbeat:
-                    if item.pos > pos:
-                        pos = item.pos
+                kind = type(item)
+                if kind is Tail:
+                    # The rest of a direct write: it goes out before anything
+                    # else, as it is (already framed for the wire).
+                    try:
+                        stream._sink.sendall(item.data)
+                    except OSError:
+                        return
+                elif kind is Heartbeat:
+                    if item.pos > subscription.pos:
+                        subscription.pos = item.pos
                         out.append(item.frame)
                     else:
                         out.append(HEARTBEAT)
-                elif item.pos > pos:
+                elif item.pos > subscription.pos:
                     out.append(item.frame)
-                    pos = item.pos
-            if subscription.closed is not None:
+                    subscription.pos = item.pos
+            closed = subscription.closed
+            if closed is not None:
+                if closed == DISCONNECTED:
+                    return
                 # End between two frames; the browser reconnects after
                 # ``retry`` ms and resumes from its last event id.
-                out.append(sse.encode(comment=f"closing: {subscription.closed}", retry=retry))
+                out.append(sse.encode(comment=f"closing: {closed}", retry=retry))
                 yield b"".join(out)
                 return
             if deadline is not None and time.monotonic() > deadline:
@@ -123,6 +155,11 @@ def _frames(subscription, first, retry, lifetime):
             if out:
                 yield b"".join(out)
                 out = []
-            wait = None
+            if wait == 0:
+                # The server has written the headers and the first frame: from
+                # now on the hub may write to the socket while this waits.
+                if subscription.closed is None:
+                    subscription.direct = stream._direct()
+                wait = None
     finally:
         subscription.close()

@@ -25,6 +25,7 @@ from myapp.conf import setting
 from myapp.cors import ORIGIN_REFUSED, cors_headers, preflight_headers
 from myapp.exceptions import BrokerUnavailable
 from myapp.hub import TooManyStreams, get_hub
+from myapp.sink import sink_for
 from myapp.stream import open_stream
 
 from .responses import error, unavailable
@@ -107,6 +108,7 @@ def events(request):
     response["X-Accel-Buffering"] = "no"
     for name, value in cors.items():
         response[name] = value
+    stream.write_directly(sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES")), response)
     return response
 
 
