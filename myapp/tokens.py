@@ -16,7 +16,8 @@ from myapp.conf import setting
 __all__ = ["subscription_token", "verify_token", "InvalidToken", "MAX_TOKEN_LENGTH"]
 
 _SALT = "myapp.subscription-token"
-#: Longer tokens are refused without being checked (bytes of text).
+#: Characters of the longest token accepted; longer ones are refused before
+#: their signature is checked (InvalidToken "token too long": a 401).
 MAX_TOKEN_LENGTH = 4096
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connections
-from django.test import Client
+from django.test import Client, override_settings
 
 from myapp.publish import send_event, user_channel
 from tests.sse_client import SSEParser
@@ -138,3 +138,69 @@ def test_other_users_job_is_404(memory_broker, alice, users):
     assert alice.get(f"/jobs/{theirs.pk}/watch/").status_code == 404
     assert alice.get(f"/jobs/{mine.pk}/").json()["id"] == mine.pk
     assert [job["id"] for job in alice.get("/jobs/").json()["jobs"]] == [mine.pk]
+
+
+def test_without_an_authorizer_only_the_users_own_channel_streams(memory_broker, alice, users):
+    """With MYAPP_CHANNEL_AUTHORIZER = None (the default) every group channel is 403; the own channel streams."""
+    own = user_channel(users[0])
+    assert alice.get("/events/", {"channel": "room:lobby", "check": "1"}).status_code == 200, "the demo admits rooms"
+    with override_settings(MYAPP_CHANNEL_AUTHORIZER=None):
+        for channel in ("room:lobby", "job:1", "team:blue", "status:public"):
+            for params in ({"channel": channel}, {"channel": channel, "check": "1"}, {"channel": [own, channel]}):
+                response = alice.get("/events/", params)
+                assert response.status_code == 403, params
+                assert json.loads(response.content)["error"] == f"not allowed to read channel {channel!r}"
+        for params in ({}, {"channel": own}):
+            response = alice.get("/events/", params)
+            try:
+                assert response.status_code == 200
+                parser = SSEParser()
+                (opened,) = read(response, parser)
+                assert json.loads(opened.data)["channels"] == [own]
+                event_id = send_event(own, "note", "only yours")
+                (message,) = read(response, parser)
+                assert (message.type, message.data, message.last_event_id) == ("note", '"only yours"', event_id)
+            finally:
+                response.close()
+
+
+def test_overlong_last_event_id_resets_the_stream(memory_broker, alice):
+    """A Last-Event-ID over 256 characters is not parsed: the stream opens with stream.reset "malformed"."""
+    for headers, params in (({"Last-Event-ID": "1-0" + "0" * 254}, {}), ({}, {"lastEventId": "7" * 257})):
+        response = alice.get("/events/", params, headers=headers)
+        try:
+            assert response.status_code == 200
+            (reset,) = read(response, SSEParser())
+            assert (reset.type, json.loads(reset.data)) == ("stream.reset", {"reason": "malformed"})
+        finally:
+            response.close()
+
+
+def test_overlong_token_is_refused_unchecked(memory_broker):
+    """A subscription token over MAX_TOKEN_LENGTH (4096) characters gets 401 "token too long"."""
+    from myapp.tokens import MAX_TOKEN_LENGTH
+
+    response = Client().get("/events/", {"token": "a" * (MAX_TOKEN_LENGTH + 1)})
+    assert response.status_code == 401
+    assert json.loads(response.content)["error"] == "invalid subscription token: token too long"
+    assert "bad signature" in json.loads(Client().get("/events/", {"token": "a" * MAX_TOKEN_LENGTH}).content)["error"]
+
+
+def test_stream_limit_counts_users_not_tokens(memory_broker, alice, settings):
+    """MYAPP_MAX_STREAMS_PER_USER limits a logged-in user's streams; anonymous token streams are never counted."""
+    from myapp.tokens import subscription_token
+
+    settings.MYAPP_MAX_STREAMS_PER_USER = 1
+    token = subscription_token(["status:public"])
+    opened = []
+    try:
+        for _ in range(3):
+            opened.append(Client().get("/events/", {"token": token}))
+            assert opened[-1].status_code == 200, "a shared public token serves any number of viewers"
+        opened.append(alice.get("/events/"))
+        assert opened[-1].status_code == 200
+        second = alice.get("/events/")
+        assert second.status_code == 429 and second["Retry-After"] == "5"
+    finally:
+        for response in opened:
+            response.close()
