@@ -208,3 +208,92 @@ def test_page_script_retries_after_event_source_gives_up_and_resumes(browser, tm
             context.close()
     finally:
         valkey.stop()
+
+
+#: Seconds push.js is watched after it closed: a retry would come within the
+#: first backoff step (150-300 ms with retryMs 300), an EventSource reconnect
+#: within the stack's 300-600 ms retry.
+QUIET_SECONDS = 3
+
+
+def probe(page, url):
+    """Open ``new PushStream(url)`` on the page as window.probe; record its states and its requests."""
+    page.probe_requests = []
+    page.on("request", lambda request: url in request.url and page.probe_requests.append(request.url))
+    page.evaluate(
+        """url => {
+            window.states = [];
+            window.probe = new PushStream(url, {onstate: state => window.states.push(state), retryMs: 300});
+        }""",
+        url,
+    )
+
+
+@pytest.mark.parametrize("status", [204, 401, 403])
+def test_page_script_stops_for_good_on_204_401_403(page, redis_stack, status):
+    """On 204, 401 and 403 push.js closes (state "closed") and sends no further request to /events/."""
+    import uuid
+
+    from tests.conftest import wait_until
+
+    log_in(page, redis_stack)
+    if status == 204:
+        # The demo's authorizer answers GONE for a finished job: 204.
+        session = redis_stack.login("carol")
+        job_id = start_job(redis_stack, session, rows=1)
+        job = f"{redis_stack.url}/jobs/{job_id}/"
+        wait_until(lambda: session.get(job).json()["status"] == "finished", timeout=30, what="the job to finish")
+        url = f"/events/?channel=job:{job_id}"
+    elif status == 401:
+        page.context.clear_cookies()  # the session is gone (logged out elsewhere)
+        url = f"/events/?channel=room:anonymous-{uuid.uuid4().hex[:8]}"
+    else:
+        url = "/events/?channel=team:secret"  # the demo's authorizer refuses team: channels
+    probe(page, url)
+    page.wait_for_function("window.probe.state === 'closed'", timeout=15000)
+    assert page.evaluate("window.probe.failure") == status
+    assert page.evaluate("window.states") == ["connecting", "reconnecting", "closed"]
+    sent = list(page.probe_requests)
+    assert any("check=1" in request for request in sent), "push.js asked ?check=1 once EventSource gave up"
+    page.wait_for_timeout(QUIET_SECONDS * 1000)  # an observation window: nothing may follow
+    assert page.probe_requests == sent, f"no request after closing on {status}: {page.probe_requests}"
+    assert page.evaluate("window.probe.state") == "closed"
+
+
+@pytest.fixture(scope="module")
+def outage_stack(tmp_path_factory):
+    """A one-worker stack on a Valkey server of its own, which a test may stop: (stack, valkey)."""
+    from scripts.servers import EmbeddedValkey
+    from tests.stack import LiveStack
+
+    valkey = EmbeddedValkey(tmp_path_factory.mktemp("outage-valkey")).start()
+    try:
+        with LiveStack(tmp_path_factory.mktemp("outage-stack"), mode="redis", redis_url=valkey.url, workers=1) as stack:
+            yield stack, valkey
+    finally:
+        valkey.stop()
+
+
+def test_page_script_keeps_retrying_on_503(page, outage_stack):
+    """While /events/ answers 503 push.js keeps retrying with backoff (never "closed"), and goes live once it can."""
+    import uuid
+
+    from tests.conftest import wait_until
+
+    stack, valkey = outage_stack
+    wait_until(lambda: stack.publish("room:warm-up", "x").status_code == 200, timeout=20, what="the broker")
+    log_in(page, stack)
+    channel = f"room:outage-{uuid.uuid4().hex[:8]}"
+    valkey.stop()
+    try:
+        probe(page, f"/events/?channel={channel}")
+        page.wait_for_function("window.probe._attempt >= 4", timeout=20000)
+        streams = [url for url in page.probe_requests if "check=1" not in url]
+        checks = [url for url in page.probe_requests if "check=1" in url]
+        assert len(streams) >= 4 and len(checks) >= 4, page.probe_requests
+        assert "closed" not in page.evaluate("window.states")
+        assert page.evaluate("window.probe.state") == "reconnecting"
+    finally:
+        valkey.start()
+    page.wait_for_function("window.probe.state === 'live'", timeout=30000)
+    assert "closed" not in page.evaluate("window.states")
