@@ -77,7 +77,7 @@ def main(argv=None):
         else:
             env.setdefault("MYAPP_BROKER_BACKEND", "redis")
             if not env.get("REDIS_URL"):
-                valkey = EmbeddedValkey(VAR / "valkey")
+                valkey = EmbeddedValkey(VAR / "valkey", persist=True)
                 print(f"starting embedded Valkey on {valkey.socket}", flush=True)
                 servers.append(valkey)
                 valkey.start()

@@ -57,7 +57,8 @@ class Outage:
 @pytest.fixture(params=["redis", "postgres"])
 def outage(request, tmp_path):
     if request.param == "redis":
-        server = EmbeddedValkey(tmp_path / "valkey").start()
+        # With persistence, as a production Redis runs: a restart keeps the history.
+        server = EmbeddedValkey(tmp_path / "valkey", persist=True).start()
         stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1)
     else:
         server = EmbeddedPostgres(tmp_path / "postgres").start()
@@ -111,13 +112,14 @@ def test_broker_restart_is_survived_by_open_streams(outage):
 
 
 def test_resume_across_a_broker_restart(outage):
-    """A client away while the broker restarts resumes with the events published after it came back."""
+    """A client away while the broker restarts resumes with what it missed before and after the restart."""
     session = outage.stack.login("alice")
     first, channel = outage.open_stream(session)
     for value in ("a", "b"):
         assert outage.publish(channel, value).status_code == 200
     first.wait_count("note", 2)
     first.close()
+    assert outage.publish(channel, "x").status_code == 200, "published while the client is away"
 
     outage.server.stop()
     outage.server.start()
@@ -127,7 +129,51 @@ def test_resume_across_a_broker_restart(outage):
 
     second = SSEClient(session, outage.stack.url + "/events/", last_event_id=first.last_event_id)
     try:
-        second.wait_count("note", 3)
-        assert [m.data for m in second.messages if m.type != "stream.open"] == ['"c"', '"d"', '"e"']
+        second.wait_count("note", 4)
+        assert [m.data for m in second.messages if m.type != "stream.open"] == ['"x"', '"c"', '"d"', '"e"']
     finally:
         second.close()
+
+
+@pytest.fixture
+def forgetful(tmp_path):
+    """A live stack on a Valkey server whose data the test can lose (restart without its data)."""
+    server = EmbeddedValkey(tmp_path / "valkey", persist=True).start()
+    stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1)
+    try:
+        with stack:
+            yield Outage(stack, server)
+    finally:
+        server.stop()
+
+
+def test_broker_that_lost_its_data_resets_resuming_clients(forgetful):
+    """After a restart that lost the history, a resuming client gets stream.reset; open streams go on live."""
+    session = forgetful.stack.login("alice")
+    live, channel = forgetful.open_stream(session)
+    away, _ = forgetful.open_stream(session)
+    assert forgetful.publish(channel, "a").status_code == 200
+    away.wait_count("note", 1)
+    away.close()
+    assert forgetful.publish(channel, "lost").status_code == 200, "published while one client is away"
+    live.wait_count("note", 2)
+
+    forgetful.server.stop()
+    forgetful.server.forget()
+    forgetful.server.start()
+    wait_until(lambda: forgetful.stream_status(session)[0] == 200, timeout=20, interval=0.1, what="recovery")
+    assert forgetful.publish(channel, "after").status_code == 200
+    live.wait_count("note", 3)
+    assert [m.data for m in live.messages if m.type == "note"] == ['"a"', '"lost"', '"after"']
+    assert not live.ended.is_set(), "the open stream stayed open"
+
+    again = SSEClient(session, forgetful.stack.url + "/events/", last_event_id=away.last_event_id)
+    try:
+        (reset,) = again.wait_count("stream.reset", 1)
+        assert json.loads(reset.data) == {"reason": "trimmed"}, "the events it missed are gone: reload"
+        assert forgetful.publish(channel, "next").status_code == 200
+        again.wait_count("note", 1)
+        assert [m.data for m in again.messages if m.type == "note"] == ['"next"']
+    finally:
+        again.close()
+    assert "the broker's history starts again" in forgetful.stack.tail(20000)
