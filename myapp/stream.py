@@ -78,23 +78,33 @@ class Stream:
     server never started iterating (so no subscription can leak).
     """
 
-    __slots__ = ("_frames", "_subscription", "_sink", "_response")
+    __slots__ = ("_frames", "_subscription", "_sink", "_response", "_request")
 
     def __init__(self, frames, subscription):
         self._frames = frames
         self._subscription = subscription
         self._sink = None
         self._response = None
+        self._request = None
 
-    def write_directly(self, sink, response):
-        """Let the hub write to ``sink`` (a ``myapp.sink.Sink``, or None) once the response has started.
+    def attach(self, response, *, sink=None, request=None):
+        """Tell the stream about its response, before it starts.
 
-        response: the ``StreamingHttpResponse``; if a middleware gave it a
-        ``Content-Encoding`` (compression rewrites the body), direct writes
-        stay off.
+        response: the ``StreamingHttpResponse`` carrying this stream.
+        sink: a ``myapp.sink.Sink`` the hub may write to once the response
+            has started, or None. If a middleware gave the response a
+            ``Content-Encoding`` (compression rewrites the body), direct
+            writes stay off.
+        request: the Django request, or None. Once the response has started
+            (every middleware is done with it), the stream releases what the
+            request carries (session, user, messages, parsed query, ...) and
+            keeps only ``environ``/``META``, ``path``, ``path_info`` and
+            ``method``: otherwise that state, and the reference cycles Django
+            builds around it, would live as long as the stream.
         """
         self._sink = sink
         self._response = response
+        self._request = request
 
     def __iter__(self):
         return self._frames
@@ -103,13 +113,22 @@ class Stream:
         self._frames.close()
         self._subscription.close()
 
-    def _direct(self):
-        """The sink to enable once the first frame has left, or None."""
-        sink, response = self._sink, self._response
-        self._response = None
+    def _started(self):
+        """Release the request; return the sink to enable now that the first frame has left, or None."""
+        sink, response, request = self._sink, self._response, self._request
+        self._response = self._request = None
+        if request is not None:
+            state = request.__dict__
+            kept = {name: state[name] for name in _KEPT_REQUEST_STATE if name in state}
+            state.clear()
+            state.update(kept)
         if sink is None or response is None or response.has_header("Content-Encoding"):
             return None
         return sink
+
+
+#: What a streaming request keeps once its response has started.
+_KEPT_REQUEST_STATE = ("environ", "META", "path", "path_info", "method")
 
 
 def _frames(stream, subscription, first, retry, lifetime):
@@ -158,8 +177,9 @@ def _frames(stream, subscription, first, retry, lifetime):
             if wait == 0:
                 # The server has written the headers and the first frame: from
                 # now on the hub may write to the socket while this waits.
+                sink = stream._started()
                 if subscription.closed is None:
-                    subscription.direct = stream._direct()
+                    subscription.direct = sink
                 wait = None
     finally:
         subscription.close()

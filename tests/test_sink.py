@@ -100,7 +100,7 @@ def pair():
 def serve(hub, pair, *, response=None, channels=("room:a",)):
     sock, peer = pair
     stream = open_stream(hub, channels)
-    stream.write_directly(Sink(sock, chunked=True), response or _Response())
+    stream.attach(response or _Response(), sink=Sink(sock, chunked=True))
     served = Served(stream, sock, peer)
     wait_until(lambda: served.messages, what="the first frame")
     return served

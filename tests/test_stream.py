@@ -193,3 +193,19 @@ def test_first_frame_leaves_at_once_even_with_nothing_queued(broker, hub_factory
     reader.start()
     reader.join(2)
     assert got and b"event: stream.open" in got[0], "the first frame came at once"
+
+
+def test_request_state_is_released_once_the_response_has_started(broker, hub, rf):
+    """After the first frame, the request keeps only environ, path and method (no session, user, messages)."""
+    request = rf.get("/events/?channel=room:a")
+    request.session, request.user, request._messages = object(), object(), object()
+    stream = open_stream(hub, ("room:a",))
+    stream.attach(None, request=request)
+    frames = iter(stream)
+    next(frames)
+    assert "user" in request.__dict__, "middleware may still use it until the response starts"
+    broker.publish("room:a", "t", "x")
+    assert b"data: x" in next(frames)
+    assert set(request.__dict__) <= {"environ", "META", "path", "path_info", "method"}
+    assert request.path == "/events/" and request.META["QUERY_STRING"] == "channel=room:a"
+    stream.close()

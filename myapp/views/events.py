@@ -108,7 +108,7 @@ def events(request):
     response["X-Accel-Buffering"] = "no"
     for name, value in cors.items():
         response[name] = value
-    stream.write_directly(sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES")), response)
+    stream.attach(response, sink=sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES")), request=request)
     return response
 
 
