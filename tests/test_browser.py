@@ -165,7 +165,8 @@ def test_page_script_retries_after_event_source_gives_up_and_resumes(browser, tm
     from scripts.servers import EmbeddedValkey
     from tests.stack import LiveStack
 
-    valkey = EmbeddedValkey(tmp_path / "valkey").start()
+    # Persistent, as a production Redis: the restart keeps the history to resume from.
+    valkey = EmbeddedValkey(tmp_path / "valkey", persist=True).start()
     try:
         with LiveStack(tmp_path / "stack", mode="redis", redis_url=valkey.url, workers=1) as stack:
             context = browser.new_context()

@@ -39,6 +39,7 @@ from myapp.events import Event
 from myapp.exceptions import BrokerConfigurationError, BrokerUnavailable
 from myapp.ids import format_id, parse
 
+from ._resp import ReplyReader
 from ._wakeup import Waker
 from .base import Broker, History, Listener, Subscribed
 
@@ -236,66 +237,81 @@ class RedisBroker(Broker):
 
 
 class RedisListener(Listener):
+    """The hub's subscriber connection: commands sent through redis-py, replies read directly.
+
+    redis-py opens the connection (URL, authentication, database, TLS) and
+    packs the commands; the replies, which are all pub/sub replies on this
+    connection, are read with one ``recv`` per wake-up and parsed by
+    ``myapp.brokers._resp`` (per-message ``PubSub.get_message`` costs several
+    times more).
+    """
+
     def __init__(self, broker, hub_channel):
         self._broker = broker
         self._hub_channel = hub_channel
         self._channel_prefix = broker.prefix + "c:"
         self._skip = len(self._channel_prefix)
-        # RESP2: pub/sub messages parse faster than RESP3 push frames in redis-py.
-        kwargs = dict(broker._connection_kwargs, retry=Retry(NoBackoff(), 0), protocol=2)
-        # Its own single connection: the hub must see every drop (redis-py
-        # would otherwise reconnect and re-subscribe behind its back).
-        self._client = redis.Redis(
-            connection_pool=redis.ConnectionPool.from_url(broker.url, max_connections=1, **kwargs)
-        )
-        self._pubsub = self._client.pubsub()
+        self._reader = ReplyReader()
         self._waker = Waker()
+        # Its own single connection, in RESP2: the hub must see every drop
+        # (redis-py would otherwise reconnect and re-subscribe behind its back).
+        kwargs = dict(broker._connection_kwargs, retry=Retry(NoBackoff(), 0), protocol=2)
+        self._pool = redis.ConnectionPool.from_url(broker.url, max_connections=1, **kwargs)
+        self._conn = None
         try:
-            self._pubsub.subscribe(self._channel_prefix + hub_channel)
-            self._fileno = self._pubsub.connection._sock.fileno()
+            self._conn = self._pool.get_connection()
+            self._sock = self._conn._sock  # redis-py has no public accessor
+            self._fileno = self._sock.fileno()
+            self._command("SUBSCRIBE", [hub_channel])
         except (redis.RedisError, OSError, AttributeError) as error:
             self.close()
             raise _unavailable(error) from error
 
-    def _command(self, method, channels):
+    def _command(self, verb, channels):
         names = [self._channel_prefix + channel for channel in channels]
         try:
             for start in range(0, len(names), 1000):
-                method(*names[start : start + 1000])
+                self._conn.send_command(verb, *names[start : start + 1000], check_health=False)
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
 
     def subscribe(self, channels):
-        self._command(self._pubsub.subscribe, channels)
+        self._command("SUBSCRIBE", channels)
 
     def unsubscribe(self, channels):
-        self._command(self._pubsub.unsubscribe, channels)
+        self._command("UNSUBSCRIBE", channels)
 
-    def _drain(self):
+    def _items(self):
         items = []
-        get_message = self._pubsub.get_message
         skip = self._skip
         try:
-            while (message := get_message(timeout=0)) is not None:
-                kind = message["type"]
-                if kind == "message":
-                    raw_id, event_type, data = message["data"].decode().split("\n", 2)
-                    items.append(Event(message["channel"][skip:].decode(), parse(raw_id), event_type, data))
-                elif kind == "subscribe":
-                    items.append(Subscribed(message["channel"][skip:].decode()))
-        except (redis.RedisError, OSError, ValueError) as error:
-            raise _unavailable(error) from error
+            for reply in self._reader.replies():
+                kind = reply[0]
+                if kind == b"message":
+                    raw_id, event_type, data = reply[2].decode().split("\n", 2)
+                    items.append(Event(reply[1][skip:].decode(), parse(raw_id), event_type, data))
+                elif kind == b"subscribe":
+                    items.append(Subscribed(reply[1][skip:].decode()))
+        except (ValueError, TypeError, IndexError) as error:
+            raise BrokerUnavailable(f"Redis: unexpected reply on the subscriber connection: {error}") from error
         return items
 
     def wait(self, timeout):
-        items = self._drain()
+        items = self._items()
         if items:
             return items
         try:
-            readable = self._waker.wait(self._fileno, timeout)
+            if not self._waker.wait(self._fileno, timeout):
+                return []
+            data = self._sock.recv(1 << 16)
+        except (BlockingIOError, TimeoutError):
+            return []
         except (OSError, ValueError) as error:
             raise _unavailable(error) from error
-        return self._drain() if readable else []
+        if not data:
+            raise BrokerUnavailable("Redis: the server closed the subscriber connection")
+        self._reader.feed(data)
+        return self._items()
 
     def wakeup(self):
         self._waker.wakeup()
@@ -305,8 +321,7 @@ class RedisListener(Listener):
 
     def close(self):
         try:
-            self._pubsub.reset()
-            self._client.connection_pool.disconnect()
+            self._pool.disconnect()
         except Exception:  # noqa: BLE001 - closing a broken connection must not raise
             pass
         self._waker.close()
