@@ -7,6 +7,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
@@ -54,9 +55,10 @@ class Outage:
         return response.status_code, time.monotonic() - started, response.headers
 
 
-@pytest.fixture(params=["redis", "postgres"])
-def outage(request, tmp_path):
-    if request.param == "redis":
+@contextmanager
+def _outage(kind, tmp_path):
+    """A live stack with one worker on its own broker server, stopped at the end."""
+    if kind == "redis":
         # With persistence, as a production Redis runs: a restart keeps the history.
         server = EmbeddedValkey(tmp_path / "valkey", persist=True).start()
         stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1)
@@ -68,6 +70,12 @@ def outage(request, tmp_path):
             yield Outage(stack, server)
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def outage(request, tmp_path):
+    with _outage(request.param, tmp_path) as outage:
+        yield outage
 
 
 def test_broker_restart_is_survived_by_open_streams(outage):
@@ -138,13 +146,8 @@ def test_resume_across_a_broker_restart(outage):
 @pytest.fixture
 def forgetful(tmp_path):
     """A live stack on a Valkey server whose data the test can lose (restart without its data)."""
-    server = EmbeddedValkey(tmp_path / "valkey", persist=True).start()
-    stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1)
-    try:
-        with stack:
-            yield Outage(stack, server)
-    finally:
-        server.stop()
+    with _outage("redis", tmp_path) as outage:
+        yield outage
 
 
 def test_broker_that_lost_its_data_resets_resuming_clients(forgetful):
