@@ -389,14 +389,20 @@ class Hub:
             if key is not None:
                 self._keys[key] += 1
             subscription.start = subscription.pos = self._position
-            if subscription._resume is None and all(channel in self._confirmed for channel in channels):
+            confirmed = all(channel in self._confirmed for channel in channels)
+            if subscription._resume is None and confirmed:
                 # Fresh, on channels already held: every event after the hub's
                 # position reaches it live, so it needs no replay.
                 self._activate(subscription)
             else:
                 self._pending.append(subscription)
+            # The hub must act now only to send a SUBSCRIBE or to replay for
+            # confirmed channels; a confirmation still on its way wakes it anyway
+            # (so a storm of streams on one new channel is one wake-up, not one each).
+            wake = confirmed or bool(self._to_subscribe)
         if not subscription._ready.is_set():
-            self._wakeup()
+            if wake:
+                self._wakeup()
             if not subscription._ready.wait(max(0.0, deadline - time.monotonic())):
                 self._close(subscription, UNSUBSCRIBED)
                 raise BrokerUnavailable(f"the broker did not confirm the subscription within {timeout} s")
@@ -642,11 +648,14 @@ class Hub:
         One ``last_position`` and one ``history`` call serve the whole batch.
         """
         with self._lock:
-            self._pending = [sub for sub in self._pending if sub.closed is None]
-            ready = [sub for sub in self._pending if all(channel in self._confirmed for channel in sub.channels)]
+            confirmed = self._confirmed
+            waiting, ready = [], []
+            for sub in self._pending:
+                if sub.closed is None:
+                    (ready if all(channel in confirmed for channel in sub.channels) else waiting).append(sub)
+            self._pending = waiting
             if not ready:
                 return
-            self._pending = [sub for sub in self._pending if sub not in ready]
         try:
             # Channels are confirmed: every event after this head arrives live,
             # and the history read below covers the head up to the read.

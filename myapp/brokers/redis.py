@@ -198,7 +198,9 @@ class RedisBroker(Broker):
 
     def last_position(self):
         try:
-            head, _ = self._position_script(keys=self._head_keys)
+            head = self._client.get(self._head_keys[0])
+            if head is None:  # no history yet (or lost): start an epoch
+                head, _ = self._position_script(keys=self._head_keys)
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
         return parse(head.decode()) or 0
@@ -208,13 +210,15 @@ class RedisBroker(Broker):
         start = "(" + format_id(after)
         try:
             with self._client.pipeline(transaction=False) as pipe:
-                self._position_script(keys=self._head_keys, client=pipe)
+                pipe.get(self._head_keys[1])
                 for channel in channels:
                     pipe.xrange(self.prefix + "h:" + channel, start, "+", count=self.history_length)
-                (_, raw_epoch), *results = pipe.execute()
+                raw_epoch, *results = pipe.execute()
+            if raw_epoch is None:  # no history at all (lost, nothing published since): start an epoch
+                _, raw_epoch = self._position_script(keys=self._head_keys)
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
-        epoch = parse(raw_epoch.decode()) or 0 if raw_epoch else 0
+        epoch = parse(raw_epoch.decode()) or 0
         events, trimmed = [], set()
         for channel, entries in zip(channels, results, strict=True):
             for raw_id, fields in entries:
