@@ -106,6 +106,18 @@ class Heartbeat:
         self.frame = sse.encode(comment="", id=format_id(pos))
         self.chunk = chunk(self.frame)
 
+    def wire(self, sent, chunked):
+        """Return (bytes to write, the stream's position after them) for a stream that was sent ``sent``.
+
+        sent: the position the stream has sent (int). The heartbeat carries
+        an id only when it moves the stream's position forward.
+        chunked: True for one HTTP/1.1 chunk (a direct write), False for the
+        bare frame.
+        """
+        if self.pos > sent:
+            return (self.chunk if chunked else self.frame), self.pos
+        return (HEARTBEAT_CHUNK if chunked else HEARTBEAT), sent
+
 
 #: A heartbeat frame without an id (the stream already sent that position).
 HEARTBEAT = sse.comment()
@@ -719,11 +731,12 @@ class Hub:
                 return  # already dispatched (history and live overlap after a reconnect)
             holders = self._channels.get(event.channel)
             if holders:
+                frame, framed = event.frame, event.chunk  # encoded once for every stream
                 for subscription in holders:
                     sink = subscription._sink
                     if sink is not None:
                         if pos > subscription.pos:
-                            reason = _write(subscription, sink, event.chunk if sink.chunked else event.frame, pos)
+                            reason = _write(subscription, sink, framed if sink.chunked else frame, pos)
                             if reason is not None:
                                 closing = closing or []
                                 closing.append((subscription, reason))
@@ -754,10 +767,7 @@ class Hub:
                     for subscription in self._slices[index]:
                         sink = subscription._sink
                         if sink is not None:
-                            if beat.pos > subscription.pos:
-                                wire, pos = (beat.chunk if sink.chunked else beat.frame), beat.pos
-                            else:
-                                wire, pos = (HEARTBEAT_CHUNK if sink.chunked else HEARTBEAT), subscription.pos
+                            wire, pos = beat.wire(subscription.pos, sink.chunked)
                             if _write(subscription, sink, wire, pos) is not None:
                                 dead = dead or []
                                 dead.append(subscription)

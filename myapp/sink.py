@@ -24,6 +24,7 @@ Imports no Django; the view decides with ``sink_for``.
 """
 
 import socket
+import sys
 
 __all__ = ["Sink", "sink_for", "chunk"]
 
@@ -50,10 +51,9 @@ class Sink:
     def __init__(self, sock, *, chunked):
         self.sock = sock
         self.chunked = chunked
-        # gevent's socket wraps the OS socket in ``_sock``; its own ``send``
-        # would wait for the socket to drain, which the hub must never do.
-        raw = getattr(sock, "_sock", sock)
-        self._send = raw.send
+        # Not gevent's own send, which would wait for the socket to drain:
+        # the hub must never wait.
+        self._send = _os_socket(sock).send
 
     def send(self, data):
         """Send what the socket takes at once of ``data`` (bytes) and return its length in bytes.
@@ -94,7 +94,7 @@ def sink_for(environ, *, enabled=True):
     protocol = environ.get("SERVER_PROTOCOL")
     if protocol not in ("HTTP/1.1", "HTTP/1.0"):
         return None
-    raw = getattr(sock, "_sock", sock)
+    raw = _os_socket(sock)
     try:
         if raw.family not in _PLAIN_FAMILIES or raw.gettimeout() not in (None, 0.0):
             return None
@@ -103,9 +103,12 @@ def sink_for(environ, *, enabled=True):
     return Sink(sock, chunked=protocol == "HTTP/1.1")
 
 
-def _plain_socket_types():
-    import sys
+def _os_socket(sock):
+    """The OS-level socket object: gevent's socket wraps it in ``_sock``; a standard one is its own."""
+    return getattr(sock, "_sock", sock)
 
+
+def _plain_socket_types():
     types = {socket.socket}
     gevent_socket = sys.modules.get("gevent.socket")
     if gevent_socket is not None:

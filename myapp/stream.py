@@ -35,7 +35,7 @@ import time
 
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
-from myapp.hub import DISCONNECTED, HEARTBEAT, Heartbeat, Tail
+from myapp.hub import DISCONNECTED, Heartbeat, Tail
 from myapp.ids import format_id
 
 __all__ = ["open_stream", "Stream"]
@@ -65,27 +65,28 @@ def open_stream(hub, channels, last_event_id=None, *, key=None, retry_ms=2000, l
     else:
         opened = {"channels": list(channels), "resumed": last_event_id is not None}
         first.append(sse.encode(json.dumps(opened), event=OPEN_EVENT, id=start))
-    stream = Stream(None, subscription)
-    stream._frames = _frames(stream, subscription, first, retry, lifetime)
-    return stream
+    return Stream(subscription, first, retry, lifetime)
 
 
 class Stream:
     """What the view hands to ``StreamingHttpResponse``.
 
-    Iterating it runs the plain sync generator of frames. Django calls
-    ``close()`` when the response ends, which leaves the hub even if the
-    server never started iterating (so no subscription can leak).
+    Iterating it runs the plain sync generator of frames: ``first`` (list of
+    bytes frames) at once, then the subscription's items; ``retry`` is the
+    reconnection delay (milliseconds) sent when the stream ends, ``lifetime``
+    the seconds after which it ends, or None. Django calls ``close()`` when
+    the response ends, which leaves the hub even if the server never started
+    iterating (so no subscription can leak).
     """
 
     __slots__ = ("_frames", "_subscription", "_sink", "_response", "_request")
 
-    def __init__(self, frames, subscription):
-        self._frames = frames
+    def __init__(self, subscription, first, retry, lifetime):
         self._subscription = subscription
         self._sink = None
         self._response = None
         self._request = None
+        self._frames = _frames(self, first, retry, lifetime)
 
     def attach(self, response, *, sink=None, request=None):
         """Tell the stream about its response, before it starts.
@@ -131,8 +132,9 @@ class Stream:
 _KEPT_REQUEST_STATE = ("environ", "META", "path", "path_info", "method")
 
 
-def _frames(stream, subscription, first, retry, lifetime):
+def _frames(stream, first, retry, lifetime):
     """Yield the first frame, then each burst of queued items in one write; drop what was sent already."""
+    subscription = stream._subscription
     deadline = time.monotonic() + lifetime if lifetime else None
     out = first
     wait = 0  # the first frame and the replay leave at once, so headers do too
@@ -150,11 +152,8 @@ def _frames(stream, subscription, first, retry, lifetime):
                     except OSError:
                         return
                 elif kind is Heartbeat:
-                    if item.pos > subscription.pos:
-                        subscription.pos = item.pos
-                        out.append(item.frame)
-                    else:
-                        out.append(HEARTBEAT)
+                    frame, subscription.pos = item.wire(subscription.pos, chunked=False)
+                    out.append(frame)
                 elif item.pos > subscription.pos:
                     out.append(item.frame)
                     subscription.pos = item.pos

@@ -65,8 +65,9 @@ class Waker:
             on_pipe.stop()
             if timer is not None:
                 timer.close()
-        self._drain()
-        return readable
+        if readable is not True:  # woken by the pipe (or the timer): empty it
+            self._drain()
+        return readable is True
 
     def _drain(self):
         try:
