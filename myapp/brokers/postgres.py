@@ -27,6 +27,7 @@ commit order), psycopg 3 docs "Asynchronous notifications" and ``notifies``.
 
 import hashlib
 import logging
+import threading
 
 import psycopg
 from django.db import DatabaseError, InterfaceError, connections, transaction
@@ -130,6 +131,8 @@ class PostgresBroker(Broker):
         self.connect_timeout = connect_timeout
         self._timeout_ms = str(int(statement_timeout * 1000))
         self._ttl_positions = int(self.history_ttl * 1000) << SEQ_BITS
+        self._reader = None  # the broker's own connection for reads (see _read)
+        self._reader_lock = threading.Lock()
 
     def _run(self, work):
         """Run ``work(cursor)`` in a transaction on Django's connection; map failures."""
@@ -146,7 +149,9 @@ class PostgresBroker(Broker):
                 connection.close()  # the next call reconnects (e.g. after a server restart)
             raise _unavailable(error) from error
 
-    def publish(self, channel, event_type, data, *, key=None):
+    def publish(self, channel, event_type, data, *, idempotency_key=None):
+        key = idempotency_key
+
         def work(cursor):
             cursor.execute(_NEXT_POSITION, {"seq_bits": SEQ_BITS})
             pos = cursor.fetchone()[0]
@@ -174,21 +179,38 @@ class PostgresBroker(Broker):
 
         return self._run(work)
 
-    def last_position(self):
-        def work(cursor):
-            cursor.execute("SELECT pos FROM myapp_broker_state WHERE id = 1")
-            row = cursor.fetchone()
-            return row[0] if row else 0
+    def _read(self, query, params):
+        """Run a read-only ``query`` on the broker's own connection and return its rows.
 
-        return self._run(work)
+        The hub reads positions and history from its own greenlet; a
+        connection of the broker's (not Django's, which is per greenlet and
+        would stay checked out for the greenlet's life) serves those reads,
+        opened on first use and again after a failure.
+        """
+        with self._reader_lock:
+            conn = self._reader
+            try:
+                if conn is None or conn.closed:
+                    conn = self._reader = psycopg.connect(**self.connection_params(), autocommit=True)
+                    conn.execute("SELECT set_config('statement_timeout', %s, false)", [self._timeout_ms])
+                return conn.execute(query, params).fetchall()
+            except psycopg.Error as error:
+                self._reader = None
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+                    pass
+                raise _unavailable(error) from error
+
+    def last_position(self):
+        rows = self._read("SELECT pos FROM myapp_broker_state WHERE id = 1", None)
+        return rows[0][0] if rows else 0
 
     def history(self, channels, after):
-        def work(cursor):
-            cursor.execute(_HISTORY, {"channels": list(set(channels)), "after": after})
-            return cursor.fetchall()
-
         events, seen, trimmed = [], set(), set()
-        for channel, pos, prev, event_type, data in self._run(work):
+        for channel, pos, prev, event_type, data in self._read(
+            _HISTORY, {"channels": list(set(channels)), "after": after}
+        ):
             if channel not in seen:
                 seen.add(channel)
                 if prev > after:
@@ -196,13 +218,11 @@ class PostgresBroker(Broker):
             events.append(Event(channel, pos, event_type, data, prev))
         return History(events, frozenset(trimmed))
 
-    def listener(self, hub_channel):
-        return PostgresListener(self, hub_channel)
-
-    def release(self):
-        connection = connections[self.database]
-        if not connection.in_atomic_block:
-            connection.close()
+    def close(self):
+        with self._reader_lock:
+            conn, self._reader = self._reader, None
+        if conn is not None:
+            conn.close()
 
     def connection_params(self):
         """Return keyword arguments for ``psycopg.connect`` to the ``database`` alias's server."""
@@ -284,7 +304,7 @@ class PostgresListener(Listener):
                     if row is None:
                         # Trimmed before we could read it: a stream on this
                         # channel would have a gap, so the hub closes them.
-                        items.append(Trimmed(channel))
+                        items.append(Trimmed(channel, pos))
                         continue
                     data = row[0]
                 items.append(Event(channel, pos, event_type, data))
@@ -317,3 +337,6 @@ class PostgresListener(Listener):
         except Exception:  # noqa: BLE001 - closing a broken connection must not raise
             pass
         self._waker.close()
+
+
+PostgresBroker.listener_class = PostgresListener

@@ -86,7 +86,7 @@ def events(request):
             get_hub(),
             grant.channels,
             last_event_id,
-            key=grant.key,
+            owner=grant.key,
             retry_ms=setting("MYAPP_RETRY_MILLISECONDS"),
             lifetime=setting("MYAPP_STREAM_LIFETIME_SECONDS"),
         )
@@ -101,14 +101,16 @@ def events(request):
     for connection in connections.all(initialized_only=True):
         connection.close()
         del connections[connection.alias]
-    _bound_blocked_writes(request.META.get("gunicorn.socket"))
+    sock = request.META.get("gunicorn.socket")
+    _bound_blocked_writes(sock)
 
     response = StreamingHttpResponse(stream, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     for name, value in cors.items():
         response[name] = value
-    stream.attach(response, sink=sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES")), request=request)
+    sink = sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES"))
+    stream.attach(response, sink=sink, sock=sock, request=request)
     return response
 
 
