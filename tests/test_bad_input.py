@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 import uuid
 
 import pytest
@@ -96,6 +97,25 @@ def test_per_user_stream_limit_gives_429_with_retry_after(memory_broker, alice, 
     second_chance = alice.get("/events/")
     assert second_chance.status_code == 200
     second_chance.close()
+
+
+@pytest.mark.parametrize(
+    ("channels", "message"),
+    [
+        ([""], "channel must not be empty"),
+        (["bad name\n"], "channel may only contain"),
+        (["c" * 5000], "channel is 5000 characters; the limit is 128"),
+        (["!hub:1-0123456789ab"], "channel may only contain"),
+        (["room:a", 7], "channel must be a str"),
+        ([], "a subscription token must grant at least one channel"),
+        ("room:a", "channels must be a list of channel names, not a str"),
+    ],
+    ids=["empty", "LF", "5000 characters", "hub prefix", "not a str", "no channel", "a str"],
+)
+def test_subscription_token_refuses_invalid_channels(channels, message):
+    """Minting a token for channels no stream could carry raises InvalidEvent naming the rule."""
+    with pytest.raises(InvalidEvent, match=message):
+        subscription_token(channels)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -404,3 +424,42 @@ def test_publish_without_length_or_chunks_is_an_empty_body(redis_stack):
         status, body = read_reply(sock, timeout=10)
     assert status == 400
     assert body["error"] == "the body is empty: send a JSON object with Content-Length or Transfer-Encoding: chunked"
+
+
+def signed_token(stack, payload):
+    """Sign a token payload as the stack would (its SECRET_KEY, the tokens' salt), unvalidated."""
+    from django.core import signing
+
+    return signing.dumps(payload, key=stack.env["DJANGO_SECRET_KEY"], salt="myapp.subscription-token", compress=True)
+
+
+SIGNED_TOKEN_CASES = [
+    ("empty name", [""], 400, "the subscription token cannot open a stream: channel must not be empty"),
+    ("LF in name", ["bad name\n"], 400, "channel may only contain"),
+    ("5000-character name", ["c" * 5000], 400, "channel is 5000 characters; the limit is 128"),
+    ("hub's reserved prefix", ["!hub:1-0123456789ab"], 400, "channel may only contain"),
+    ("one bad name among good", ["room:a", "bad name"], 400, "channel may only contain"),
+    (
+        "no channel",
+        [],
+        400,
+        "the subscription token cannot open a stream: a subscription token must grant at least one",
+    ),
+    ("a string, not a list", "room:a", 401, "invalid subscription token: malformed token"),
+    ("not a list of strings", [["room:a"]], 401, "invalid subscription token: malformed token"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("channels", "status", "reason"),
+    [case[1:] for case in SIGNED_TOKEN_CASES],
+    ids=[case[0] for case in SIGNED_TOKEN_CASES],
+)
+def test_signed_token_with_invalid_channels_is_refused(redis_stack, channels, status, reason):
+    """A correctly signed token (older or forged) whose channels cannot be streamed is refused with its reason."""
+    token = signed_token(redis_stack, {"c": channels, "e": int(time.time()) + 600})
+    for query in ("", "&check=1"):
+        with requests.get(f"{redis_stack.url}/events/?token={token}{query}", stream=True, timeout=5) as response:
+            assert response.status_code == status, response.headers
+            assert reason in response.json()["error"]

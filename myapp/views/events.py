@@ -4,8 +4,10 @@ Answers (each one stops a native EventSource from retrying, except 200):
 
 - 200 ``text/event-stream``: the stream (see ``myapp.stream``);
 - 204: every requested channel has ended for good (WHATWG HTML 9.2.3);
-- 400: a malformed or over-limit ``channel`` parameter;
-- 401: not logged in and no valid subscription token;
+- 400: a malformed or over-limit ``channel`` parameter, or a signed
+  subscription token granting no channel or an invalid name;
+- 401: not logged in and no valid (well-signed, well-formed, unexpired)
+  subscription token;
 - 403: a channel the requester may not read, or a refused Origin;
 - 429 + Retry-After: the user already holds MYAPP_MAX_STREAMS_PER_USER streams here;
 - 503 + Retry-After: the broker (or the database the session needs) is unreachable.
