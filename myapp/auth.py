@@ -85,6 +85,7 @@ def grant_stream(request, requested, token=None):
 
     requested: the ``channel`` query parameters (list of str); empty means
         the user's own channel (or, with a token, every channel it grants).
+        Repeats count once toward MYAPP_MAX_CHANNELS_PER_STREAM.
     token: a subscription token (str) or None.
 
     Return a Grant. Raise StreamRefused with 400 (bad or too many channel
@@ -93,6 +94,7 @@ def grant_stream(request, requested, token=None):
     or expired) or 403 (a channel the requester may not read).
     """
     limit = setting("MYAPP_MAX_CHANNELS_PER_STREAM")
+    requested = list(dict.fromkeys(requested))  # a repeated channel is carried, and counted, once
     if len(requested) > limit:
         raise StreamRefused(400, f"a stream may carry at most {limit} channels (MYAPP_MAX_CHANNELS_PER_STREAM)")
     for channel in requested:
@@ -100,7 +102,6 @@ def grant_stream(request, requested, token=None):
             validate_channel(channel, max_length=setting("MYAPP_MAX_CHANNEL_LENGTH"))
         except InvalidEvent as error:
             raise StreamRefused(400, str(error)) from None
-    requested = list(dict.fromkeys(requested))
     user = getattr(request, "user", None)
     key = user.pk if user is not None and user.is_authenticated else None
 

@@ -463,3 +463,19 @@ def test_signed_token_with_invalid_channels_is_refused(redis_stack, channels, st
         with requests.get(f"{redis_stack.url}/events/?token={token}{query}", stream=True, timeout=5) as response:
             assert response.status_code == status, response.headers
             assert reason in response.json()["error"]
+
+
+@pytest.mark.e2e
+def test_repeated_channel_counts_once(redis_stack):
+    """The same channel 11 times opens a stream carrying it once; 11 distinct channels are still refused."""
+    session = redis_stack.login("alice")
+    client = SSEClient(session, f"{redis_stack.url}/events/?" + "&".join(["channel=room:a"] * 11))
+    try:
+        assert client.status == 200, client.response.text[:200]
+        (opened,) = client.wait_count("stream.open", 1)
+        assert json.loads(opened.data)["channels"] == ["room:a"]
+    finally:
+        client.close()
+    distinct = session.get(f"{redis_stack.url}/events/?" + "&".join(f"channel=room:{n}" for n in range(11)), timeout=5)
+    assert distinct.status_code == 400
+    assert "at most 10 channels" in distinct.json()["error"]
