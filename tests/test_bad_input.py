@@ -479,3 +479,23 @@ def test_repeated_channel_counts_once(redis_stack):
     distinct = session.get(f"{redis_stack.url}/events/?" + "&".join(f"channel=room:{n}" for n in range(11)), timeout=5)
     assert distinct.status_code == 400
     assert "at most 10 channels" in distinct.json()["error"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("where", ["query", "header"])
+def test_empty_last_event_id_opens_a_fresh_stream(redis_stack, where):
+    """An empty ?lastEventId= or Last-Event-ID header is absent: stream.open, resumed false, no stream.reset."""
+    session = redis_stack.login("alice")
+    if where == "query":
+        client = SSEClient(session, f"{redis_stack.url}/events/?lastEventId=")
+    else:
+        client = SSEClient(session, f"{redis_stack.url}/events/", headers={"Last-Event-ID": ""})
+        assert client.response.request.headers["Last-Event-ID"] == ""
+    try:
+        assert client.status == 200
+        client.wait_count("stream.open", 1)
+        first = client.messages[0]
+        assert (first.type, json.loads(first.data)["resumed"]) == ("stream.open", False)
+        assert client.of_type("stream.reset") == []
+    finally:
+        client.close()

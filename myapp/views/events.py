@@ -14,6 +14,10 @@ Answers (each one stops a native EventSource from retrying, except 200):
 
 ``?check=1`` answers the same statuses without streaming (200 JSON when a
 stream would open), so a client can tell "retry later" from "stop".
+
+Resume point: the ``Last-Event-ID`` header, else ``?lastEventId=`` (for first
+connections and polyfills); an empty one is absent (a fresh stream, not a
+reset), one over MAX_LAST_EVENT_ID characters is malformed (``stream.reset``).
 """
 
 import logging
@@ -79,7 +83,10 @@ def events(request):
             return unavailable("too many streams for this user", status=429, headers=cors)
         return JsonResponse({"channels": list(grant.channels)}, headers=cors)
 
-    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId")
+    # An empty value (header or query) means none, as for a browser, which sends
+    # the header only when its last event id is non-empty (WHATWG HTML 9.2.3,
+    # reestablishing the connection).
+    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId") or None
     if last_event_id is not None and len(last_event_id) > MAX_LAST_EVENT_ID:
         last_event_id = "malformed"  # parse() refuses it: the stream resets
 
