@@ -7,6 +7,7 @@ Environment:
   connection before its 503 (or BrokerUnavailable); default 5.
 - REDIS_URL: the Redis/Valkey server for the Redis broker; default redis://127.0.0.1:6379/0.
 - MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
+- MYAPP_HISTORY_LENGTH: events the broker keeps per channel; default 1000.
 - DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
 - MYAPP_PUBLISH_TOKENS: comma-separated bearer tokens for the publish API.
 - IMPORT_STEP_SECONDS: seconds per step of the demo import job.
@@ -160,6 +161,8 @@ if _backend not in _BROKERS:
 
     raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
 MYAPP_BROKER = _BROKERS[_backend]
+if "MYAPP_HISTORY_LENGTH" in os.environ:  # events kept per channel (the broker's history_length)
+    MYAPP_BROKER["OPTIONS"]["history_length"] = int(os.environ["MYAPP_HISTORY_LENGTH"])
 MYAPP_CHANNEL_AUTHORIZER = "myapp.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).

@@ -46,19 +46,19 @@ class StreamRefused(Exception):
 
 
 class Grant:
-    """The channels a stream may carry and the key its per-user limit counts.
+    """The channels a stream may carry and the owner its per-user limit counts.
 
     channels: tuple of channel names (str), or empty when every requested
         channel is GONE (answer 204).
-    key: the user's primary key (counted by MYAPP_MAX_STREAMS_PER_USER), or
+    owner: the user's primary key (counted by MYAPP_MAX_STREAMS_PER_USER), or
         None for token-only streams.
     """
 
-    __slots__ = ("channels", "key")
+    __slots__ = ("channels", "owner")
 
-    def __init__(self, channels, key):
+    def __init__(self, channels, owner):
         self.channels = channels
-        self.key = key
+        self.owner = owner
 
 
 def get_authorizer():
@@ -103,7 +103,7 @@ def grant_stream(request, requested, token=None):
         except InvalidEvent as error:
             raise StreamRefused(400, str(error)) from None
     user = getattr(request, "user", None)
-    key = user.pk if user is not None and user.is_authenticated else None
+    owner = user.pk if user is not None and user.is_authenticated else None
 
     if token is not None:
         try:
@@ -120,13 +120,13 @@ def grant_stream(request, requested, token=None):
         missing = [channel for channel in requested if channel not in granted]
         if missing:
             raise StreamRefused(403, f"the token does not grant channel {missing[0]!r}")
-        return Grant(tuple(requested), key)
+        return Grant(tuple(requested), owner)
 
-    if key is None:
+    if owner is None:
         raise StreamRefused(401, "log in, or pass a subscription token")
     own = user_channel(user)
     if not requested:
-        return Grant((own,), key)
+        return Grant((own,), owner)
     authorizer = None
     channels = []
     for channel in requested:
@@ -143,4 +143,4 @@ def grant_stream(request, requested, token=None):
         if decision is not True:
             raise StreamRefused(403, f"not allowed to read channel {channel!r}")
         channels.append(channel)
-    return Grant(tuple(channels), key)
+    return Grant(tuple(channels), owner)

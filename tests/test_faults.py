@@ -10,11 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
+import requests
 
+from myapp.ids import parse
 from scripts.servers import EmbeddedPostgres, EmbeddedValkey
 from tests.conftest import wait_until
 from tests.sse_client import SSEClient
-from tests.stack import LiveStack
+from tests.stack import PUBLISH_TOKEN, LiveStack
 
 pytestmark = pytest.mark.e2e
 
@@ -56,15 +58,15 @@ class Outage:
 
 
 @contextmanager
-def _outage(kind, tmp_path):
+def _outage(kind, tmp_path, env=None):
     """A live stack with one worker on its own broker server, stopped at the end."""
     if kind == "redis":
         # With persistence, as a production Redis runs: a restart keeps the history.
         server = EmbeddedValkey(tmp_path / "valkey", persist=True).start()
-        stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1)
+        stack = LiveStack(tmp_path / "stack", mode="redis", redis_url=server.url, workers=1, env=env)
     else:
         server = EmbeddedPostgres(tmp_path / "postgres").start()
-        stack = LiveStack(tmp_path / "stack", mode="postgres", postgres=server, workers=1)
+        stack = LiveStack(tmp_path / "stack", mode="postgres", postgres=server, workers=1, env=env)
     try:
         with stack:
             yield Outage(stack, server)
@@ -186,3 +188,95 @@ def test_broker_that_lost_its_data_resets_resuming_clients(forgetful):
     finally:
         again.close()
     assert "(the broker lost its data)" in forgetful.stack.tail(20000)
+
+
+#: Events each channel keeps in the test below: an outage that misses more leaves a hole.
+SHORT_HISTORY = 20
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def short_history(request, tmp_path):
+    """A one-worker live stack whose broker keeps only SHORT_HISTORY events per channel."""
+    with _outage(request.param, tmp_path, env={"MYAPP_HISTORY_LENGTH": str(SHORT_HISTORY)}) as outage:
+        yield outage
+
+
+def _publish_until_accepted(session, outage, channel, n, deadline):
+    """Publish event ``n`` through the API, retrying 503s (the server is coming back); return its id."""
+    while True:
+        response = session.post(
+            outage.stack.url + "/api/events/",
+            json={"channel": channel, "event_type": "note", "data": {"n": n}},
+            headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            timeout=10,
+        )
+        if response.status_code == 200:
+            return response.json()["id"]
+        assert response.status_code == 503, response.text
+        assert time.monotonic() < deadline, "the broker did not come back"
+        time.sleep(0.02)
+
+
+def test_outage_longer_than_the_history_resets_before_the_hole(short_history):
+    """More events than the history holds published around an outage: each lost one is covered by stream.reset.
+
+    The stream carries two channels; the burst lands on one. Like a browser, the
+    client reconnects with its Last-Event-ID whenever the stream ends. Every
+    published event must either arrive, or come after a stream.reset that the
+    client received before any event positioned after it.
+    """
+    outage = short_history
+    session = outage.stack.login("alice")
+    client, own = outage.open_stream(session)
+    client.close()
+    url = outage.stack.url + "/events/?channel=" + own + "&channel=room:burst"
+    client = SSEClient(session, url)
+    client.wait_count("stream.open", 1)
+    publisher = requests.Session()
+    published = {}  # id -> n
+    deadline = time.monotonic() + 60
+    for n in range(10):
+        published[_publish_until_accepted(publisher, outage, "room:burst", n, deadline)] = n
+    client.wait_count("note", 10)
+
+    outage.server.stop()
+    wait_until(lambda: outage.publish(own, "probe").status_code == 503, timeout=20, what="the outage")
+    time.sleep(4)  # the outage lasts: the hub's reconnection backoff grows past the burst below
+    outage.server.start()
+    for n in range(10, 10 + 3 * SHORT_HISTORY):
+        published[_publish_until_accepted(publisher, outage, "room:burst", n, deadline)] = n
+    last = max(published, key=parse)
+
+    received = list(client.messages)
+    clients = [client]
+
+    def settled():
+        current = clients[-1]
+        if current.ended.is_set():
+            received.extend(m for m in current.messages if m not in received)
+            clients.append(SSEClient(session, url, last_event_id=current.last_event_id))
+            return False
+        seen = {m.last_event_id for m in received + current.messages if m.type == "note"}
+        return last in seen or any(parse(m.last_event_id) >= parse(last) for m in current.messages)
+
+    wait_until(settled, timeout=30, interval=0.1, what="the last event or a reset past it")
+    for current in clients:
+        received.extend(m for m in current.messages if m not in received)
+        current.close()
+
+    arrived = {m.last_event_id for m in received if m.type == "note"}
+    resets = [(index, m) for index, m in enumerate(received) if m.type == "stream.reset"]
+    for event_id in published:
+        if event_id in arrived:
+            continue
+        covering = [index for index, m in resets if parse(m.last_event_id) >= parse(event_id)]
+        assert covering, f"event n={published[event_id]} ({event_id}) was lost and no stream.reset covers it"
+        later = [i for i, m in enumerate(received) if m.type == "note" and parse(m.last_event_id) > parse(event_id)]
+        assert not later or covering[0] < later[0], (
+            f"n={published[event_id]} was lost, and events after it arrived before the stream.reset"
+        )
+    for _, reset in resets:
+        assert json.loads(reset.data) == {"reason": "trimmed"}
+    missing = len(published) - len(arrived & set(published))
+    print(f"{outage.stack.mode}: {missing} events lost to the history's length, {len(resets)} reset(s) told the page")
+    assert missing == 0 or resets

@@ -17,7 +17,8 @@ stream would open), so a client can tell "retry later" from "stop".
 
 Resume point: the ``Last-Event-ID`` header, else ``?lastEventId=`` (for first
 connections and polyfills); an empty one is absent (a fresh stream, not a
-reset), one over MAX_LAST_EVENT_ID characters is malformed (``stream.reset``).
+reset); one that is not an id of ours, over-long included, is malformed
+(``stream.reset``, see ``myapp.resume``).
 """
 
 import logging
@@ -39,9 +40,6 @@ from .responses import error, unavailable
 __all__ = ["events"]
 
 log = logging.getLogger("myapp.views")
-
-#: Longest Last-Event-ID we try to parse (characters); longer ones reset.
-MAX_LAST_EVENT_ID = 256
 
 
 def events(request):
@@ -79,23 +77,22 @@ def events(request):
         hub = get_hub()
         if not hub.available():
             return unavailable("the event broker is unavailable; retry later", headers=cors)
-        if hub.at_limit(grant.key):
+        if hub.at_limit(grant.owner):
             return unavailable("too many streams for this user", status=429, headers=cors)
         return JsonResponse({"channels": list(grant.channels)}, headers=cors)
 
     # An empty value (header or query) means none, as for a browser, which sends
     # the header only when its last event id is non-empty (WHATWG HTML 9.2.3,
     # reestablishing the connection).
+    # One that is not an id of ours (too long included: myapp.ids.parse) resets.
     last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId") or None
-    if last_event_id is not None and len(last_event_id) > MAX_LAST_EVENT_ID:
-        last_event_id = "malformed"  # parse() refuses it: the stream resets
 
     try:
         stream = open_stream(
             get_hub(),
             grant.channels,
             last_event_id,
-            owner=grant.key,
+            owner=grant.owner,
             retry_ms=setting("MYAPP_RETRY_MILLISECONDS"),
             lifetime=setting("MYAPP_STREAM_LIFETIME_SECONDS"),
         )
