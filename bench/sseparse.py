@@ -89,7 +89,8 @@ class SSEParser:
     ``feed(data)`` takes bytes and returns a list of ``(type, data,
     last_event_id)`` tuples of str, one per dispatched event, in order.
     ``last_event_id`` and ``retry`` (milliseconds, int or None) follow the
-    spec; ``comments`` counts comment lines (heartbeats).
+    spec; ``comments`` counts heartbeats: comment lines, and blocks without
+    data (the service's ``stream.position`` heartbeats dispatch nothing).
     """
 
     __slots__ = ("_buffer", "_started", "_pending_cr", "_data", "_type", "_id", "last_event_id", "retry", "comments")
@@ -160,4 +161,6 @@ class SSEParser:
             event_type = self._type.decode("utf-8", "replace") if self._type else "message"
             events.append((event_type, data.decode("utf-8", "replace"), self.last_event_id))
             self._data = []
+        elif self._type == b"stream.position":
+            self.comments += 1
         self._type = b""

@@ -4,16 +4,20 @@ The hub does the broker work (``myapp.hub.Hub.subscribe``: confirmation,
 the start position and the replay, by the policy of ``myapp.resume``) and
 queues ready frames; the stream writes them. It sends, in order:
 
-1. at once, so the response headers leave too: ``retry: <ms>`` (jittered
-   between 1x and 2x the setting, so reconnects after a deploy spread) and a
-   comment, then ``stream.open`` (data ``{"channels": [...], "resumed":
-   bool}``) or ``stream.reset`` (data ``{"reason": ...}``), whose id is the
-   position the stream starts from, so even a page that received nothing yet
-   reconnects without a gap;
+1. at once, so the response headers leave too: one ``stream.open`` event
+   (data ``{"channels": [...], "resumed": bool}``) or ``stream.reset``
+   event (data ``{"reason": ...}``) whose id is the position the stream
+   starts from, so even a page that received nothing yet reconnects without
+   a gap, and whose block carries ``retry: <ms>`` (jittered between 1x and 2x
+   the setting, so reconnects after a deploy spread);
 2. the replay and live events, each burst of queued frames in one write;
-3. on its end, ``:closing: <reason>`` with a ``retry`` (overflow, shutdown,
-   lifetime): the browser reconnects and resumes. A client that hung up
-   gets nothing more.
+3. on its end (overflow, shutdown, lifetime), a data-less
+   ``stream.position`` block with the comment ``closing: <reason>`` and a
+   ``retry``: the browser reconnects and resumes. A client that hung up gets
+   nothing more.
+
+Every block is an event of the page's or a named ``stream.*`` block, never a
+bare comment or ``retry`` (see ``myapp.subscription.POSITION_EVENT``).
 
 Once the first write has left, the stream tells the hub its socket: the hub
 then writes events and heartbeats to it directly while the stream waits
@@ -28,7 +32,7 @@ import time
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
 from myapp.ids import format_id
-from myapp.subscription import DISCONNECTED
+from myapp.subscription import DISCONNECTED, POSITION_EVENT
 
 __all__ = ["open_stream", "Stream"]
 
@@ -50,14 +54,13 @@ def open_stream(hub, channels, last_event_id=None, *, owner=None, retry_ms=2000,
     """
     subscription = hub.subscribe(channels, last_event_id=last_event_id, owner=owner)
     retry = random.randint(retry_ms, 2 * retry_ms)
-    first = [sse.encode(comment="stream open", retry=retry)]
     start = format_id(subscription.start)
     if subscription.reset is not None:
-        first.append(sse.encode(json.dumps({"reason": subscription.reset}), event=RESET_EVENT, id=start))
+        first = sse.encode(json.dumps({"reason": subscription.reset}), event=RESET_EVENT, id=start, retry=retry)
     else:
         opened = {"channels": list(channels), "resumed": bool(last_event_id)}
-        first.append(sse.encode(json.dumps(opened), event=OPEN_EVENT, id=start))
-    return Stream(hub, subscription, first, retry, lifetime)
+        first = sse.encode(json.dumps(opened), event=OPEN_EVENT, id=start, retry=retry)
+    return Stream(hub, subscription, [first], retry, lifetime)
 
 
 class Stream:
@@ -71,13 +74,18 @@ class Stream:
     server never started iterating (so no subscription can leak).
     """
 
-    __slots__ = ("_frames", "_hub", "_subscription", "_sink", "_sock", "_response", "_request")
+    __slots__ = ("_frames", "_hub", "_subscription", "_sink", "_sock", "_response", "_request", "_on_close")
 
     def __init__(self, hub, subscription, first, retry, lifetime):
         self._hub = hub
         self._subscription = subscription
         self._sink = self._sock = self._response = self._request = None
+        self._on_close = None
         self._frames = _frames(self, first, retry, lifetime)
+
+    def on_close(self, callback):
+        """Call ``callback()`` (no arguments) once the stream has ended, whichever way it ends."""
+        self._on_close = callback
 
     def attach(self, response, *, sink=None, sock=None, request=None):
         """Tell the stream about its response, before it starts.
@@ -108,6 +116,12 @@ class Stream:
     def close(self):
         self._frames.close()
         self._subscription.close()
+        self._closed()
+
+    def _closed(self):
+        callback, self._on_close = self._on_close, None
+        if callback is not None:
+            callback()
 
     def _started(self):
         """The first write has left: release the request, and hand the socket to the hub."""
@@ -122,6 +136,11 @@ class Stream:
             sink = None
         self._hub.attach(self._subscription, sink=sink, sock=self._sock)
         self._sock = None
+
+
+def _closing(reason, retry):
+    """The last block of a stream that ends for ``reason``: no data, a comment and the reconnection delay."""
+    return sse.encode(comment=f"closing: {reason}", event=POSITION_EVENT, retry=retry)
 
 
 #: What a streaming request keeps once its response has started.
@@ -155,11 +174,11 @@ def _frames(stream, first, retry, lifetime):
                     return
                 # End between two frames; the browser reconnects after
                 # ``retry`` ms and resumes from its last event id.
-                out.append(sse.encode(comment=f"closing: {closed}", retry=retry))
+                out.append(_closing(closed, retry))
                 yield b"".join(out)
                 return
             if deadline is not None and time.monotonic() > deadline:
-                out.append(sse.encode(comment="closing: lifetime", retry=retry))
+                out.append(_closing("lifetime", retry))
                 yield b"".join(out)
                 return
             if out:
@@ -171,3 +190,4 @@ def _frames(stream, first, retry, lifetime):
                 wait = None
     finally:
         subscription.close()
+        stream._closed()

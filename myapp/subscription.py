@@ -55,10 +55,12 @@ HUB_STOPPED = "hub stopped"
 UNSUBSCRIBED = "unsubscribed"  # the stream itself left (its response ended)
 DISCONNECTED = "disconnected"  # the client closed the connection, or a write found it gone
 
-#: Event type of a heartbeat that moves the client's last event id. It has no
-#: data, so browsers dispatch nothing (WHATWG HTML 9.2.6, "dispatch the
-#: event" step 2) yet still set the last event ID (step 1); clients that
-#: surface every block (httpx-sse and others) see a named event to ignore.
+#: Event type of every block the service sends that is no event for the page:
+#: heartbeats and the end of a stream. The block has no data, so browsers
+#: dispatch nothing (WHATWG HTML 9.2.6, "dispatch the event" step 2), yet an
+#: ``id:`` in it still sets their last event ID (step 1); clients that turn
+#: every block into an event (httpx-sse and others, which also repeat the
+#: last id on a bare comment block) see a named event they can ignore.
 POSITION_EVENT = "stream.position"
 
 
@@ -70,17 +72,17 @@ def _patched_by_gevent():
 #: True when threads are greenlets (gunicorn's gevent worker).
 GREENLETS = _patched_by_gevent()
 
-#: A heartbeat that moves nothing: a comment, which no listener sees.
-HEARTBEAT = sse.comment()
+#: A heartbeat that moves nothing: a ``stream.position`` block without id or data.
+HEARTBEAT = sse.encode(event=POSITION_EVENT)
 _HEARTBEAT_CHUNK = chunk(HEARTBEAT)
 
 
 class Heartbeat:
     """A queue item: write a heartbeat; ``pos`` is the hub's position when it was sent.
 
-    Carries ``id: <pos>`` (as a ``stream.position`` block without data)
-    only for a stream that has not sent ``pos`` yet, else it is a bare
-    comment. Encoded once per heartbeat slice and shared.
+    A ``stream.position`` block without data, with ``id: <pos>`` only for a
+    stream that has not been handed ``pos`` yet (an id never moves back).
+    Encoded once per heartbeat slice and shared.
     """
 
     __slots__ = ("pos", "frame", "chunk")

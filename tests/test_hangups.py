@@ -121,3 +121,22 @@ def _own_channel(stack, session):
     """The logged-in user's own channel, as its stream would open it."""
     (channel,) = session.get(stack.url + "/events/?check=1", timeout=5).json()["channels"]
     return channel
+
+
+def test_a_burst_from_one_session_opens_exactly_the_limit_and_leaks_no_slot(quiet_stack):
+    """30 stream requests at once from one session: LIMIT open, the rest 429; once closed, the slots are free again."""
+    session = quiet_stack.login("alice")
+    cookies = "; ".join(f"{name}={value}" for name, value in session.cookies.items())
+    request = f"GET /events/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookies}\r\n\r\n".encode()
+    socks = [socket.create_connection(("127.0.0.1", quiet_stack.port), timeout=10) for _ in range(30)]
+    for sock in socks:
+        sock.sendall(request)
+    statuses = sorted(int(sock.recv(64).split(b" ", 2)[1]) for sock in socks)
+    for sock in socks:
+        sock.close()
+    assert statuses == [200] * LIMIT + [429] * (30 - LIMIT)
+    wait_until(lambda: _streams(quiet_stack) == 0, timeout=2, what="the streams to be freed")
+    again = [RawStream(quiet_stack, session) for _ in range(LIMIT)]
+    for stream in again:
+        stream.close()
+    assert [stream.status for stream in again] == [200] * LIMIT, "every slot came back"

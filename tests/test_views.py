@@ -41,7 +41,7 @@ def test_anonymous_stream_is_refused_with_401(memory_broker):
 
 
 def test_stream_headers_first_frame_and_live_event(memory_broker, alice, users):
-    """200 text/event-stream, no-cache, unbuffered; retry and a comment first; then live events."""
+    """200 text/event-stream, no-cache, unbuffered; a stream.open block with the retry first; then live events."""
     response = alice.get("/events/")
     try:
         assert response.status_code == 200
@@ -49,7 +49,7 @@ def test_stream_headers_first_frame_and_live_event(memory_broker, alice, users):
         assert response["Cache-Control"] == "no-cache"
         assert response["X-Accel-Buffering"] == "no"
         first = next(response.streaming_content)
-        assert first.startswith(b":stream open\nretry: ")
+        assert first.startswith(b"retry: ") and b"\nevent: stream.open\n" in first
         parser = SSEParser()
         (opened,) = parser.feed(first)
         expected = {"channels": [user_channel(users[0])], "resumed": False}

@@ -23,11 +23,14 @@ reset); one that is not an id of ours, over-long included, is malformed
 
 import logging
 import socket
+import threading
+from collections import Counter
 
+from django.conf import settings
 from django.db import DatabaseError, connections
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
-from myapp.auth import StreamRefused, grant_stream
+from myapp.auth import Grant, StreamRefused, grant_stream
 from myapp.conf import setting
 from myapp.cors import ORIGIN_REFUSED, cors_headers, preflight_headers
 from myapp.exceptions import BrokerUnavailable
@@ -40,6 +43,56 @@ from .responses import error, unavailable
 __all__ = ["events"]
 
 log = logging.getLogger("myapp.views")
+
+
+class SessionStreams:
+    """Stream requests per session cookie in this process (being opened, or open), capped at the per-user limit.
+
+    A session belongs to one user, so a session holding
+    MYAPP_MAX_STREAMS_PER_USER streams means its user does too: a request
+    past that is answered 429 before its session and user are loaded. A
+    burst of stream requests from one page (a reload loop, a bug) then costs
+    the worker a few database reads per allowed stream instead of a session
+    and a user lookup per request, during which every other request of the
+    worker waits.
+    """
+
+    def __init__(self):
+        self._counts = Counter()
+        self._lock = threading.Lock()
+
+    def reserve(self, key, limit):
+        """Count one more stream request of session ``key`` (str, or None: not counted).
+
+        limit: the most a session may hold (int), or None for no limit.
+        Return the callable that gives the slot back (idempotent), or None
+        if the session is at the limit.
+        """
+        if key is None or limit is None:
+            return _nothing
+        with self._lock:
+            if self._counts[key] >= limit:
+                return None
+            self._counts[key] += 1
+        done = []
+
+        def release():
+            if done:
+                return
+            done.append(True)
+            with self._lock:
+                self._counts[key] -= 1
+                if self._counts[key] <= 0:
+                    del self._counts[key]
+
+        return release
+
+
+def _nothing():
+    pass
+
+
+_sessions = SessionStreams()
 
 
 def events(request):
@@ -55,6 +108,23 @@ def events(request):
     if request.method != "GET":
         return error(405, "use GET", {"Allow": "GET, OPTIONS", **cors})
 
+    if "check" in request.GET:
+        return _check(request, cors)
+    limit = setting("MYAPP_MAX_STREAMS_PER_USER")
+    release = _sessions.reserve(request.COOKIES.get(settings.SESSION_COOKIE_NAME), limit)
+    if release is None:
+        return unavailable(f"at most {limit} streams per user", status=429, headers=cors)
+    response = None
+    try:
+        response = _stream(request, cors, release)
+    finally:
+        if type(response) is not StreamingHttpResponse:
+            release()
+    return response
+
+
+def _grant(request, cors):
+    """Return the Grant for ``request``, or the response that refuses it (4xx, 503, or 204 when all are GONE)."""
     try:
         grant = grant_stream(request, request.GET.getlist("channel"), request.GET.get("token"))
     except StreamRefused as refused:
@@ -70,23 +140,36 @@ def events(request):
         for name, value in cors.items():
             response[name] = value
         return response
+    return grant
 
-    if "check" in request.GET:
-        # The page script asks this after EventSource gave up, to tell "retry
-        # later" (503, 429) from "stop" (204, 401, 403) without opening a stream.
-        hub = get_hub()
-        if not hub.available():
-            return unavailable("the event broker is unavailable; retry later", headers=cors)
-        if hub.at_limit(grant.owner):
-            return unavailable("too many streams for this user", status=429, headers=cors)
-        return JsonResponse({"channels": list(grant.channels)}, headers=cors)
 
+def _check(request, cors):
+    """``?check=1``: the status a stream request would get, without streaming.
+
+    The page script asks this after EventSource gave up, to tell "retry
+    later" (503, 429) from "stop" (204, 401, 403).
+    """
+    grant = _grant(request, cors)
+    if not isinstance(grant, Grant):
+        return grant
+    hub = get_hub()
+    if not hub.available():
+        return unavailable("the event broker is unavailable; retry later", headers=cors)
+    if hub.at_limit(grant.owner):
+        return unavailable("too many streams for this user", status=429, headers=cors)
+    return JsonResponse({"channels": list(grant.channels)}, headers=cors)
+
+
+def _stream(request, cors, release):
+    """Open the stream; return its StreamingHttpResponse (which calls ``release`` when it ends) or a refusal."""
+    grant = _grant(request, cors)
+    if not isinstance(grant, Grant):
+        return grant
     # An empty value (header or query) means none, as for a browser, which sends
     # the header only when its last event id is non-empty (WHATWG HTML 9.2.3,
-    # reestablishing the connection).
-    # One that is not an id of ours (too long included: myapp.ids.parse) resets.
+    # reestablishing the connection). One that is not an id of ours (too long
+    # included: myapp.ids.parse) resets.
     last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId") or None
-
     try:
         stream = open_stream(
             get_hub(),
@@ -101,6 +184,7 @@ def events(request):
         return unavailable("the event broker is unavailable; retry later", headers=cors)
     except TooManyStreams as failure:
         return unavailable(str(failure), status=429, headers=cors)
+    stream.on_close(release)
 
     # Session and auth lookups opened a database connection; a stream must
     # not hold it (nor its wrapper, a few KB per greenlet) for hours.
