@@ -84,6 +84,13 @@ def post_worker_init(worker):
     if problems:
         raise SystemExit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter stops instead of looping
 
+    from gunicorn.workers.base_async import ALREADY_HANDLED, AsyncWorker
+
+    from myapp.adoption import adopting
+
+    if isinstance(worker, AsyncWorker):
+        worker.wsgi = adopting(worker.wsgi, ALREADY_HANDLED)
+
     original = worker.handle_exit
 
     def handle_exit(sig, frame):

@@ -46,10 +46,19 @@ class Stack:
     workers: gunicorn workers (WEB_CONCURRENCY).
     worker_connections: GUNICORN_WORKER_CONNECTIONS (streams + requests per worker).
     heartbeat: MYAPP_HEARTBEAT_SECONDS (seconds), or None for the default (15).
+    env: more environment for gunicorn only (dict), or None.
     """
 
     def __init__(
-        self, directory, *, backend, settings="bench.settings", workers=2, worker_connections=20000, heartbeat=None
+        self,
+        directory,
+        *,
+        backend,
+        settings="bench.settings",
+        workers=2,
+        worker_connections=20000,
+        heartbeat=None,
+        env=None,
     ):
         self.directory = Path(directory)
         self.backend = backend
@@ -64,6 +73,7 @@ class Stack:
         self.gunicorn = None
         self.log_path = self.directory / "gunicorn.log"
         self.env = {}
+        self._extra_env = dict(env or {})
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -111,7 +121,7 @@ class Stack:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.gunicorn = subprocess.Popen(
             [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "config.wsgi"],
-            env=env,
+            env={**env, **self._extra_env},
             cwd=BASE,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""Noticing that a client closed its connection, for every open stream, at once.
+"""Noticing that a client closed its connection, for every open stream, at once (and that a full socket drained).
 
 gunicorn never reads a socket while its response runs, so a client that
 closes its ``EventSource`` (a page navigated away) would be noticed only when
@@ -17,6 +17,10 @@ a report about a descriptor that was closed and reused meanwhile never
 closes the wrong stream. Elsewhere (no epoll) nothing is watched and a
 closed connection is noticed at the next write, as before.
 
+The same set tells the hub when the socket of a stream it owns (adopted from
+gunicorn, ``myapp.adoption``) can take more after it was full: ``want_write``
+adds EPOLLOUT for that socket until its backlog is written.
+
 Source: epoll(7) and epoll_ctl(2) for EPOLLRDHUP (Linux 2.6.17+).
 """
 
@@ -31,8 +35,9 @@ try:
     import select as _select
 
     _MASK = _select.EPOLLRDHUP | _select.EPOLLHUP | _select.EPOLLERR
+    _WRITABLE = _select.EPOLLOUT
 except (ImportError, AttributeError):  # not Linux
-    _MASK = None
+    _MASK = _WRITABLE = None
 
 _PEEK = getattr(socket, "MSG_PEEK", 0) | getattr(socket, "MSG_DONTWAIT", 0)
 
@@ -97,8 +102,26 @@ class Hangups:
             except (OSError, ValueError):
                 pass
 
+    def want_write(self, fd, wanted):
+        """Report ``fd`` when it is writable too (``wanted`` True), or no longer (False)."""
+        if fd in self._watched:
+            try:
+                self._epoll.modify(fd, _MASK | _WRITABLE if wanted else _MASK)
+            except (OSError, ValueError):
+                pass
+
+    def subscription(self, fd):
+        """The subscription watched on ``fd``, or None."""
+        entry = self._watched.get(fd)
+        return entry[1] if entry is not None else None
+
+    @staticmethod
+    def is_hangup(events):
+        """True if an epoll event mask reports a hang-up or an error (not only writability)."""
+        return bool(events & _MASK)
+
     def wait(self, timeout):
-        """Wait up to ``timeout`` seconds (float) for a report; return the reported fds (list of int).
+        """Wait up to ``timeout`` seconds (float) for a report; return ``(fd, events)`` pairs (list).
 
         Cooperative under gevent (the epoll descriptor is waited on like a
         socket); a blocking ``epoll.poll`` in a real thread otherwise.
@@ -116,7 +139,7 @@ class Hangups:
                 return []  # closed by stop()
             timeout = 0
         try:
-            return [fd for fd, _ in self._epoll.poll(timeout)]
+            return self._epoll.poll(timeout)
         except (OSError, ValueError):
             return []
 

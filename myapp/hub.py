@@ -52,15 +52,19 @@ from myapp.exceptions import BrokerUnavailable
 from myapp.hangups import Hangups
 from myapp.registry import ProcessLocal
 from myapp.resume import TRIMMED, holes, replay, start_position
+from myapp.sink import Sink
 from myapp.subscription import (
+    BACKLOGGED,
     DISCONNECTED,
     HUB_STOPPED,
+    LIFETIME,
     OVERFLOW,
     SHUTDOWN,
     UNSUBSCRIBED,
     Heartbeat,
     Reset,
     Subscription,
+    closing_frame,
 )
 
 __all__ = ["Hub", "TooManyStreams", "get_hub", "shutdown", "reset", "OVERFLOW", "SHUTDOWN", "DISCONNECTED"]
@@ -93,6 +97,9 @@ class Hub:
     max_streams_per_owner: streams one owner (a user) may hold in this
         process, or None for no limit.
     reconnect_delay: (first, max) seconds between reconnection attempts.
+    send_timeout: seconds an owned stream's socket may stay full before the
+        stream is dropped (on TCP the kernel's TCP_USER_TIMEOUT, set by the
+        view, usually drops it first).
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class Hub:
         liveness_timeout=10.0,
         max_streams_per_owner=None,
         reconnect_delay=(0.1, 5.0),
+        send_timeout=30.0,
     ):
         self.broker = broker
         self.heartbeat_interval = heartbeat_interval
@@ -113,6 +121,7 @@ class Hub:
         self.liveness_timeout = liveness_timeout
         self.max_streams_per_owner = max_streams_per_owner
         self.reconnect_delay = reconnect_delay
+        self.send_timeout = send_timeout
         self.pid = os.getpid()
         self.hub_channel = f"{HUB_CHANNEL_PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}"
 
@@ -279,6 +288,45 @@ class Hub:
                 if fd is not None:
                     self._watched[subscription] = fd
 
+    def adopt(self, subscription, sock, *, chunked, retry=None, lifetime=None):
+        """Take over a started stream's connection: from now on the hub writes everything to it.
+
+        sock: a socket (``_socket.socket``) on the connection, in
+            non-blocking mode, that only the hub uses and closes; the
+            response head and first frames have been written.
+        chunked: True if the response uses the chunked coding (HTTP/1.1),
+            False for raw bytes until the connection closes (HTTP/1.0).
+        retry: the reconnection delay (milliseconds) sent in the stream's
+            last block.
+        lifetime: seconds after which the stream ends, or None.
+
+        Return False (and close ``sock``) if the subscription was closed
+        meanwhile. See ``myapp.adoption``.
+        """
+        deadline = time.monotonic() + lifetime if lifetime else None
+        with self._lock:
+            if subscription.closed is not None:
+                sock.close()
+                return False
+            fd = self._hangups.watch(sock, subscription)
+            if fd is not None:
+                self._watched[subscription] = fd
+            outcome = subscription.adopt(Sink(sock, chunked=chunked), retry=retry, deadline=deadline)
+        self._settle([(subscription, outcome)] if outcome is not None else ())
+        return True
+
+    def _settle(self, outcomes):
+        """Act on what offers returned: watch backlogged sockets, close the rest with their reason."""
+        for subscription, outcome in outcomes:
+            if outcome == BACKLOGGED:
+                with self._lock:
+                    fd = self._watched.get(subscription)
+                    if fd is not None and subscription.backlog_since is None:
+                        subscription.backlog_since = time.monotonic()
+                        self._hangups.want_write(fd, True)
+            else:
+                self._leave(subscription, outcome)
+
     def _activate(self, subscription):
         """Let live events in (call with the lock held, after its replay is queued)."""
         for channel in subscription.channels:
@@ -293,11 +341,17 @@ class Hub:
         subscription.ready.set()
 
     def _leave(self, subscription, reason):
-        """Close ``subscription`` with ``reason`` and release what it held. Safe to call twice."""
+        """Close ``subscription`` with ``reason`` and release what it held. Safe to call twice.
+
+        An owned stream ending for a reason the browser should hear (a
+        deploy, its lifetime) gets its last block first; its socket is closed.
+        """
         with self._lock:
             if subscription.closed is not None:
                 return
-            subscription.end(reason)
+            if subscription.owned and reason not in (DISCONNECTED, OVERFLOW, UNSUBSCRIBED):
+                subscription.last_words(closing_frame(reason, subscription.retry))
+            owned = subscription.end(reason)
             self._subscriptions.discard(subscription)
             fd = self._watched.pop(subscription, None)
             if fd is not None:
@@ -324,6 +378,11 @@ class Hub:
                     else:
                         self._to_unsubscribe.add(channel)
                         wake = True
+        if owned is not None:
+            owned.sock.close()
+            callback, subscription.on_end = subscription.on_end, None
+            if callback is not None:
+                callback()
         if wake:
             self._wakeup()
 
@@ -445,15 +504,14 @@ class Hub:
     def _reset_channels(self, channels, pos):
         """Offer a TRIMMED reset at ``pos`` to every active stream on ``channels``."""
         reset = Reset(TRIMMED, pos)
-        closing = []
+        outcomes = []
         with self._lock:
             victims = {sub for channel in channels for sub in self._channels.get(channel, ())}
             for subscription in victims:
-                reason = subscription.offer(reset)
-                if reason is not None:
-                    closing.append((subscription, reason))
-        for subscription, reason in closing:
-            self._leave(subscription, reason)
+                outcome = subscription.offer(reset)
+                if outcome is not None:
+                    outcomes.append((subscription, outcome))
+        self._settle(outcomes)
 
     def _serve(self):
         listener = self._listener
@@ -559,7 +617,7 @@ class Hub:
 
     def _dispatch(self, event):
         """Offer ``event`` to every subscription on its channel."""
-        closing = None
+        outcomes = None
         pos = event.pos
         with self._lock:
             if pos <= self._position:
@@ -568,51 +626,75 @@ class Hub:
             holders = self._channels.get(event.channel)
             if holders:
                 for subscription in holders:
-                    reason = subscription.offer(event)
-                    if reason is not None:
-                        closing = closing or []
-                        closing.append((subscription, reason))
-        if closing:
-            for subscription, reason in closing:
-                self._leave(subscription, reason)
+                    outcome = subscription.offer(event)
+                    if outcome is not None:
+                        outcomes = outcomes or []
+                        outcomes.append((subscription, outcome))
+        if outcomes:
+            self._settle(outcomes)
 
     # -- heartbeats and hang-ups ----------------------------------------------
 
     def _heartbeats(self):
-        """Every slice interval, offer a heartbeat to one slice of the active streams."""
+        """Every slice interval, offer a heartbeat to one slice of the active streams.
+
+        The same pass ends streams past their lifetime, and owned streams
+        whose socket stayed full for longer than ``send_timeout``.
+        """
         step = self.heartbeat_interval / len(self._slices)
         index = 0
         try:
             while not self._stop.wait(step):
-                closing = None
+                outcomes = []
+                now = time.monotonic()
                 with self._lock:
                     beat = Heartbeat(self._position)
                     for subscription in self._slices[index]:
-                        reason = subscription.offer(beat)
-                        if reason is not None:
-                            closing = closing or []
-                            closing.append((subscription, reason))
+                        deadline = subscription.deadline
+                        if deadline is not None and now > deadline:
+                            outcomes.append((subscription, LIFETIME))
+                            continue
+                        stalled = subscription.backlog_since
+                        if stalled is not None and now - stalled > self.send_timeout:
+                            outcomes.append((subscription, DISCONNECTED))
+                            continue
+                        outcome = subscription.offer(beat)
+                        if outcome is not None:
+                            outcomes.append((subscription, outcome))
                 index = (index + 1) % len(self._slices)
-                if closing:
-                    for subscription, reason in closing:
-                        self._leave(subscription, reason)
+                if outcomes:
+                    self._settle(outcomes)
         finally:
             if not self.stopped:
                 log.error("hub: heartbeat thread ended; closing all streams")
                 self.stop()
 
     def _watch_hangups(self):
-        """Close each stream whose client closed its connection, as soon as the kernel reports it."""
+        """Close each stream whose client closed its connection; write owned streams' backlogs when they drain."""
         hangups = self._hangups
         try:
             while not self._stop.is_set():
-                fds = hangups.wait(_HANGUP_POLL_SECONDS)
-                if not fds:
+                reports = hangups.wait(_HANGUP_POLL_SECONDS)
+                if not reports:
                     continue
+                outcomes = []
                 with self._lock:
-                    gone = [sub for sub in map(hangups.hung_up, fds) if sub is not None]
-                for subscription in gone:
-                    self._leave(subscription, DISCONNECTED)
+                    for fd, events in reports:
+                        if hangups.is_hangup(events):
+                            subscription = hangups.hung_up(fd)
+                            if subscription is not None:
+                                outcomes.append((subscription, DISCONNECTED))
+                            continue
+                        subscription = hangups.subscription(fd)
+                        if subscription is None or not subscription.owned or subscription.closed is not None:
+                            continue
+                        outcome = subscription.flush()
+                        if outcome is None:
+                            hangups.want_write(fd, False)
+                        elif outcome != BACKLOGGED:
+                            outcomes.append((subscription, outcome))
+                for subscription, outcome in outcomes:
+                    self._leave(subscription, outcome)
         finally:
             hangups.close()
 
@@ -630,6 +712,7 @@ def _build_hub():
         queue_size=conf.setting("MYAPP_STREAM_QUEUE_SIZE"),
         subscribe_timeout=conf.setting("MYAPP_SUBSCRIBE_TIMEOUT_SECONDS"),
         max_streams_per_owner=conf.setting("MYAPP_MAX_STREAMS_PER_USER"),
+        send_timeout=conf.setting("MYAPP_SEND_TIMEOUT_SECONDS"),
     ).start()
 
 

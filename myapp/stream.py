@@ -32,7 +32,7 @@ import time
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
 from myapp.ids import format_id
-from myapp.subscription import DISCONNECTED, POSITION_EVENT
+from myapp.subscription import DISCONNECTED, closing_frame
 
 __all__ = ["open_stream", "Stream"]
 
@@ -74,13 +74,30 @@ class Stream:
     server never started iterating (so no subscription can leak).
     """
 
-    __slots__ = ("_frames", "_hub", "_subscription", "_sink", "_sock", "_response", "_request", "_on_close")
+    __slots__ = (
+        "_frames",
+        "_hub",
+        "_subscription",
+        "_first",
+        "_retry",
+        "_lifetime",
+        "_sink",
+        "_sock",
+        "_response",
+        "_request",
+        "_on_close",
+        "_adopted",
+    )
 
     def __init__(self, hub, subscription, first, retry, lifetime):
         self._hub = hub
         self._subscription = subscription
+        self._first = first
+        self._retry = retry
+        self._lifetime = lifetime
         self._sink = self._sock = self._response = self._request = None
         self._on_close = None
+        self._adopted = False
         self._frames = _frames(self, first, retry, lifetime)
 
     def on_close(self, callback):
@@ -115,32 +132,55 @@ class Stream:
 
     def close(self):
         self._frames.close()
-        self._subscription.close()
-        self._closed()
+        if not self._adopted:
+            self._subscription.close()
+            self._closed()
+
+    def first_bytes(self):
+        """The stream's first frames (bytes), for a server that writes the response itself (``myapp.adoption``)."""
+        return b"".join(self._first)
+
+    def adopt(self, sock, *, chunked):
+        """Hand the connection to the hub instead of iterating; return False if the stream had ended meanwhile.
+
+        sock: a non-blocking socket on the connection that only the hub uses
+        (and closes) from now on; ``first_bytes()`` have been written to it.
+        chunked: whether the response uses the chunked coding.
+        The stream itself is then done: ``close()`` no longer leaves the hub.
+        """
+        self._adopted = True
+        self._release_request()
+        subscription = self._subscription
+        adopted = self._hub.adopt(subscription, sock, chunked=chunked, retry=self._retry, lifetime=self._lifetime)
+        if adopted:
+            on_close, self._on_close = self._on_close, None
+            subscription.on_end = on_close
+        else:
+            self._closed()
+        return adopted
 
     def _closed(self):
         callback, self._on_close = self._on_close, None
         if callback is not None:
             callback()
 
-    def _started(self):
-        """The first write has left: release the request, and hand the socket to the hub."""
-        sink, response, request = self._sink, self._response, self._request
-        self._response = self._request = None
+    def _release_request(self):
+        request, self._request = self._request, None
         if request is not None:
             state = request.__dict__
             kept = {name: state[name] for name in _KEPT_REQUEST_STATE if name in state}
             state.clear()
             state.update(kept)
+
+    def _started(self):
+        """The first write has left: release the request, and hand the socket to the hub."""
+        sink, response = self._sink, self._response
+        self._response = None
+        self._release_request()
         if sink is not None and (response is None or response.has_header("Content-Encoding")):
             sink = None
         self._hub.attach(self._subscription, sink=sink, sock=self._sock)
         self._sock = None
-
-
-def _closing(reason, retry):
-    """The last block of a stream that ends for ``reason``: no data, a comment and the reconnection delay."""
-    return sse.encode(comment=f"closing: {reason}", event=POSITION_EVENT, retry=retry)
 
 
 #: What a streaming request keeps once its response has started.
@@ -174,11 +214,11 @@ def _frames(stream, first, retry, lifetime):
                     return
                 # End between two frames; the browser reconnects after
                 # ``retry`` ms and resumes from its last event id.
-                out.append(_closing(closed, retry))
+                out.append(closing_frame(closed, retry))
                 yield b"".join(out)
                 return
             if deadline is not None and time.monotonic() > deadline:
-                out.append(_closing("lifetime", retry))
+                out.append(closing_frame("lifetime", retry))
                 yield b"".join(out)
                 return
             if out:

@@ -12,6 +12,11 @@ The hub hands every item for a stream (an event, a heartbeat, a reset) to
   ``queue_size`` live frames (plus the replay): one more closes the stream
   as too slow.
 
+A stream whose connection the hub *owns* (adopted from gunicorn, see
+``myapp.adoption``) has no greenlet at all: every offer is a direct write,
+and what the socket does not take waits in the tail and the queue until the
+socket is writable again (``flush``, called by the hub).
+
 Items answer ``wire(sent, chunked)``: the bytes to write for a stream that
 was handed position ``sent`` (None when there is nothing to write, e.g. an
 event it already has) and its position afterwards. ``pos`` is the position
@@ -45,6 +50,9 @@ __all__ = [
     "HUB_STOPPED",
     "UNSUBSCRIBED",
     "DISCONNECTED",
+    "LIFETIME",
+    "BACKLOGGED",
+    "closing_frame",
 ]
 
 #: Reasons a subscription closes (``Subscription.closed``).
@@ -54,6 +62,11 @@ GAP = "gap"  # events were lost before the hub could read them; the browser must
 HUB_STOPPED = "hub stopped"
 UNSUBSCRIBED = "unsubscribed"  # the stream itself left (its response ended)
 DISCONNECTED = "disconnected"  # the client closed the connection, or a write found it gone
+LIFETIME = "lifetime"  # MYAPP_STREAM_LIFETIME_SECONDS passed: the browser reconnects and is authorized again
+
+#: What ``offer`` returns for an owned stream whose socket is full: the hub
+#: then waits for it to be writable and calls ``flush``.
+BACKLOGGED = "backlogged"
 
 #: Event type of every block the service sends that is no event for the page:
 #: heartbeats and the end of a stream. The block has no data, so browsers
@@ -75,6 +88,11 @@ GREENLETS = _patched_by_gevent()
 #: A heartbeat that moves nothing: a ``stream.position`` block without id or data.
 HEARTBEAT = sse.encode(event=POSITION_EVENT)
 _HEARTBEAT_CHUNK = chunk(HEARTBEAT)
+
+
+def closing_frame(reason, retry):
+    """The last block of a stream that ends for ``reason`` (str): a comment, the ``retry`` (ms, or None), no data."""
+    return sse.encode(comment=f"closing: {reason}", event=POSITION_EVENT, retry=retry)
 
 
 class Heartbeat:
@@ -137,7 +155,9 @@ class Subscription:
     ``closed`` is None while open, else the reason (a str). ``direct`` is
     None, or the ``myapp.sink.Sink`` of the stream's socket once its response
     has started: the hub then writes to it while the stream waits in ``get``
-    with nothing queued.
+    with nothing queued. ``owned`` is True once the hub owns the connection
+    (``adopt``). ``deadline`` is the ``time.monotonic()`` after which the
+    stream ends (its lifetime), or None.
     """
 
     __slots__ = (
@@ -150,6 +170,11 @@ class Subscription:
         "direct",
         "ready",
         "slot",
+        "owned",
+        "deadline",
+        "retry",
+        "backlog_since",
+        "on_end",
         "_sink",
         "_tail",
         "_frames",
@@ -170,6 +195,11 @@ class Subscription:
         self.direct = None
         self.ready = threading.Event()
         self.slot = None  # the hub's heartbeat slice, once active
+        self.owned = False
+        self.deadline = None
+        self.retry = None  # milliseconds, sent in the last block of an owned stream
+        self.backlog_since = None  # time.monotonic() since an owned stream's socket has been full
+        self.on_end = None  # called (no arguments) by the hub once an owned stream has ended
         self._sink = None  # ``direct`` while parked in get(), else None
         self._tail = None  # bytes a direct write left unsent (framed for the wire)
         self._frames = []
@@ -263,7 +293,7 @@ class Subscription:
         gone.
         """
         sink = self._sink
-        if sink is not None:
+        if sink is not None and self._tail is None:
             wire, pos = item.wire(self.pos, sink.chunked)
             if wire is None:
                 return None
@@ -273,26 +303,98 @@ class Subscription:
                 return DISCONNECTED
             self.pos = pos
             if sent < len(wire):
-                self._sink = None
                 self._tail = wire[sent:]
+                if self.owned:
+                    return BACKLOGGED
+                self._sink = None
                 self._wake.set()
             return None
         frames = self._frames
         if type(item) is Heartbeat and (frames or self._tail is not None):
             return None
-        wire, pos = item.wire(self.pos, False)
+        # An owned stream's queue holds bytes for its socket as they are.
+        wire, pos = item.wire(self.pos, self.owned and sink.chunked)
         if wire is None:
             return None
         if len(frames) >= self._room:
             return OVERFLOW
         frames.append(wire)
         self.pos = pos
-        self._wake.set()
+        if not self.owned:
+            self._wake.set()
         return None
 
+    def adopt(self, sink, *, retry=None, deadline=None):
+        """Make the hub the owner of the connection (call with the lock held); return BACKLOGGED or None.
+
+        sink: a ``myapp.sink.Sink`` on the connection (``chunked`` if the
+            response head announced the chunked coding).
+        retry: the reconnection delay (milliseconds) for the last block.
+        deadline: ``time.monotonic()`` after which the stream ends, or None.
+
+        Whatever was queued meanwhile is written now; BACKLOGGED means the
+        socket did not take it all.
+        """
+        self.owned = True
+        self.direct = self._sink = sink
+        self.retry = retry
+        self.deadline = deadline
+        if self._frames:
+            queued = b"".join(self._frames)
+            self._tail = chunk(queued) if sink.chunked else queued
+            self._frames = []
+        self._room = self._queue_size
+        return self.flush()
+
+    def flush(self):
+        """Write an owned stream's tail and queue to its socket (call with the lock held).
+
+        Return None when everything left, BACKLOGGED when the socket is full
+        again, or DISCONNECTED when the connection is gone.
+        """
+        data = self._tail
+        if self._frames:
+            data = (data or b"") + b"".join(self._frames)
+            self._frames = []
+        self._tail = None
+        if not data:
+            self.backlog_since = None
+            return None
+        try:
+            sent = self._sink.send(data)
+        except OSError:
+            return DISCONNECTED
+        if sent < len(data):
+            self._tail = data[sent:]
+            return BACKLOGGED
+        self.backlog_since = None
+        return None
+
+    def last_words(self, frame):
+        """End an owned stream's response with ``frame`` (bytes) if nothing waits before it; never blocks.
+
+        With the chunked coding the response's last chunk follows (RFC 9112
+        section 7.1), so the client sees the response end cleanly.
+        """
+        sink = self._sink
+        if self._tail is None and not self._frames and sink is not None:
+            try:
+                sink.send(chunk(frame) + b"0\r\n\r\n" if sink.chunked else frame)
+            except OSError:
+                pass
+
     def end(self, reason):
-        """Mark the subscription closed with ``reason`` and wake its stream (the hub's side of a close)."""
+        """Mark the subscription closed with ``reason`` and wake its stream (the hub's side of a close).
+
+        Return the sink of an owned stream (the hub closes its socket), else None.
+        """
         self.closed = reason
+        sink = None
+        if self.owned:
+            sink = self._sink
+            self._tail = None
+            self._frames = []
         self.direct = self._sink = None
         self.ready.set()
         self._wake.set()
+        return sink

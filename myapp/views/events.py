@@ -201,6 +201,8 @@ def _stream(request, cors, release):
         response[name] = value
     sink = sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES"))
     stream.attach(response, sink=sink, sock=sock, request=request)
+    if sink is not None:
+        response.myapp_stream = stream  # the hub may adopt the connection (myapp.adoption)
     return response
 
 
