@@ -51,6 +51,8 @@ INSTALLED_APPS = [
     "django_tasks_db",
     "myapp",
     "worker_tasks",
+    # The demo site itself: its templates, static files and demo_user command.
+    "config",
 ]
 
 MIDDLEWARE = [
@@ -160,7 +162,7 @@ if _backend not in _BROKERS:
 
     raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
 MYAPP_BROKER = _BROKERS[_backend]
-MYAPP_CHANNEL_AUTHORIZER = "myapp.demo.authorize_channel"
+MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
 for _name, _type in (
