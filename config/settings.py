@@ -162,6 +162,9 @@ if _backend not in _BROKERS:
 
     raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
 MYAPP_BROKER = _BROKERS[_backend]
+if _backend == "postgres":
+    # The PostgreSQL broker's tables: only a project that uses it migrates them.
+    INSTALLED_APPS.append("myapp.brokers.postgres")
 MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
