@@ -14,7 +14,7 @@ from myapp.exceptions import BrokerConfigurationError
 TAG = "myapp"
 
 #: Worker processes of the gunicorn server this process runs in (int), or None
-#: outside gunicorn. gunicorn.conf.py's post_worker_init sets it from
+#: outside gunicorn. myapp.gunicorn.post_worker_init sets it from
 #: ``worker.cfg.workers`` (the count gunicorn really started: ``-w``/``--workers``,
 #: WEB_CONCURRENCY or the config file's default) before it runs these checks.
 #: When it is None, check_broker reads WEB_CONCURRENCY, and without it assumes
