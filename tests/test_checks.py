@@ -126,7 +126,10 @@ def test_settings_checks(settings):
 
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MYAPP_", "DATABASE_URL", "WEB_CONCURRENCY"))}
-    env.update({"MYAPP_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "checks"}, **extra)
+    env.update(
+        {"MYAPP_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "checks", "DJANGO_SETTINGS_MODULE": "config.settings"},
+        **extra,
+    )
     return env
 
 

@@ -114,7 +114,14 @@ def test_a_worker_class_other_than_gevent_refuses_to_boot(tmp_path):
     config = tmp_path / "gunicorn.conf.py"
     config.write_text(HOST_CONFIG.replace('"gevent"', '"sync"'))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MYAPP_", "DATABASE_URL", "WEB_CONCURRENCY"))}
-    env.update({"HOME": str(tmp_path), "MYAPP_VAR_DIR": str(tmp_path), "MYAPP_BROKER_BACKEND": "memory"})
+    env.update(
+        {
+            "HOME": str(tmp_path),
+            "MYAPP_VAR_DIR": str(tmp_path),
+            "MYAPP_BROKER_BACKEND": "memory",
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+        }
+    )
     result = subprocess.run(
         [str(Path(sys.executable).parent / "gunicorn"), "-c", str(config), "-b", f"127.0.0.1:{free_port()}"]
         + ["config.wsgi"],
