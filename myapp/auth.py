@@ -22,7 +22,7 @@ from myapp.conf import setting
 from myapp.events import validate_channel
 from myapp.exceptions import BrokerConfigurationError, InvalidEvent
 from myapp.publish import USER_CHANNEL_PREFIX, user_channel
-from myapp.tokens import InvalidToken, verify_token
+from myapp.tokens import InvalidToken, validate_granted, verify_token
 
 __all__ = ["GONE", "Grant", "StreamRefused", "grant_stream", "get_authorizer"]
 
@@ -85,13 +85,16 @@ def grant_stream(request, requested, token=None):
 
     requested: the ``channel`` query parameters (list of str); empty means
         the user's own channel (or, with a token, every channel it grants).
+        Repeats count once toward MYAPP_MAX_CHANNELS_PER_STREAM.
     token: a subscription token (str) or None.
 
     Return a Grant. Raise StreamRefused with 400 (bad or too many channel
-    names), 401 (not logged in and no valid token) or 403 (a channel the
-    requester may not read).
+    names requested, or a signed token granting no channel or an invalid
+    name), 401 (not logged in, and no token or one that is forged, malformed
+    or expired) or 403 (a channel the requester may not read).
     """
     limit = setting("MYAPP_MAX_CHANNELS_PER_STREAM")
+    requested = list(dict.fromkeys(requested))  # a repeated channel is carried, and counted, once
     if len(requested) > limit:
         raise StreamRefused(400, f"a stream may carry at most {limit} channels (MYAPP_MAX_CHANNELS_PER_STREAM)")
     for channel in requested:
@@ -99,7 +102,6 @@ def grant_stream(request, requested, token=None):
             validate_channel(channel, max_length=setting("MYAPP_MAX_CHANNEL_LENGTH"))
         except InvalidEvent as error:
             raise StreamRefused(400, str(error)) from None
-    requested = list(dict.fromkeys(requested))
     user = getattr(request, "user", None)
     key = user.pk if user is not None and user.is_authenticated else None
 
@@ -108,6 +110,11 @@ def grant_stream(request, requested, token=None):
             granted = verify_token(token)
         except InvalidToken as error:
             raise StreamRefused(401, f"invalid subscription token: {error}") from None
+        try:
+            validate_granted(granted)
+        except InvalidEvent as error:
+            # Signed, so readable, but naming what no stream may carry.
+            raise StreamRefused(400, f"the subscription token cannot open a stream: {error}") from None
         if not requested:
             requested = list(dict.fromkeys(granted))[:limit]
         missing = [channel for channel in requested if channel not in granted]

@@ -87,6 +87,17 @@ class Event:
             wire = self._chunk = chunk(self.frame)
         return wire
 
+    def wire(self, sent, chunked):
+        """Return (bytes to write, position after them) for a stream that was handed position ``sent``.
+
+        (None, sent) when the stream has this event already; ``chunked``
+        picks ``chunk`` (a direct write) over ``frame``.
+        """
+        pos = self.pos
+        if pos <= sent:
+            return None, sent
+        return (self.chunk if chunked else self.frame), pos
+
     def __repr__(self):
         return f"<Event {self.channel} {self.id} {self.event_type} {self.data[:40]!r}>"
 

@@ -115,7 +115,7 @@ def send_event(channel, event_type, data, *, id=None, raw=False, using=None):
     broker = get_broker()
 
     def publish():
-        return broker.publish(channel, event_type, text, key=id)
+        return broker.publish(channel, event_type, text, idempotency_key=id)
 
     if transaction.get_connection(using).in_atomic_block:
         transaction.on_commit(publish, using=using)

@@ -26,7 +26,7 @@ Imports no Django; the view decides with ``sink_for``.
 import socket
 import sys
 
-__all__ = ["Sink", "sink_for", "chunk"]
+__all__ = ["Sink", "sink_for", "chunk", "os_socket"]
 
 _PLAIN_FAMILIES = {socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", None)}
 
@@ -53,7 +53,7 @@ class Sink:
         self.chunked = chunked
         # Not gevent's own send, which would wait for the socket to drain:
         # the hub must never wait.
-        self._send = _os_socket(sock).send
+        self._send = os_socket(sock).send
 
     def send(self, data):
         """Send what the socket takes at once of ``data`` (bytes) and return its length in bytes.
@@ -94,7 +94,7 @@ def sink_for(environ, *, enabled=True):
     protocol = environ.get("SERVER_PROTOCOL")
     if protocol not in ("HTTP/1.1", "HTTP/1.0"):
         return None
-    raw = _os_socket(sock)
+    raw = os_socket(sock)
     try:
         if raw.family not in _PLAIN_FAMILIES or raw.gettimeout() not in (None, 0.0):
             return None
@@ -103,8 +103,12 @@ def sink_for(environ, *, enabled=True):
     return Sink(sock, chunked=protocol == "HTTP/1.1")
 
 
-def _os_socket(sock):
-    """The OS-level socket object: gevent's socket wraps it in ``_sock``; a standard one is its own."""
+def os_socket(sock):
+    """Return the OS-level socket object of ``sock``: gevent's socket wraps it in ``_sock``; a standard one is its own.
+
+    Its methods never wait cooperatively: a non-blocking call raises
+    BlockingIOError instead of parking the greenlet.
+    """
     return getattr(sock, "_sock", sock)
 
 

@@ -1,32 +1,24 @@
-"""One SSE stream: resume from Last-Event-ID, replay history, then go live.
+"""One SSE stream: the generator a ``StreamingHttpResponse`` iterates.
 
-The hub does the broker work (``myapp.hub.Hub.subscribe``): it waits for the
-broker's confirmation, reads the history after the stream's start position,
-queues that replay, and only then queues live events. The stream sends the
-queue in order and drops any event at or before the last position it sent, so
-nothing is lost and nothing is sent twice; as every frame carries its
-position, a stream multiplexing several channels resumes all of them from one
-id.
+The hub does the broker work (``myapp.hub.Hub.subscribe``: confirmation,
+the start position and the replay, by the policy of ``myapp.resume``) and
+queues ready frames; the stream writes them. It sends, in order:
 
-A fresh stream (no Last-Event-ID) starts at the broker's newest position, or,
-on channels the hub already holds, at the hub's position (the last event it
-dispatched): then events published a moment before it connected may still
-reach it; none published after it connected is missed.
+1. at once, so the response headers leave too: ``retry: <ms>`` (jittered
+   between 1x and 2x the setting, so reconnects after a deploy spread) and a
+   comment, then ``stream.open`` (data ``{"channels": [...], "resumed":
+   bool}``) or ``stream.reset`` (data ``{"reason": ...}``), whose id is the
+   position the stream starts from, so even a page that received nothing yet
+   reconnects without a gap;
+2. the replay and live events, each burst of queued frames in one write;
+3. on its end, ``:closing: <reason>`` with a ``retry`` (overflow, shutdown,
+   lifetime): the browser reconnects and resumes. A client that hung up
+   gets nothing more.
 
-Resets: a Last-Event-ID that is malformed, newer than the broker's newest
-position, older than the history's time-to-live, or whose next events were
-trimmed, cannot be resumed. The stream then sends one ``stream.reset`` event
-(data: ``{"reason": ...}``, with a fresh id) telling the page to reload its
-state, and goes on live from the newest position. Never a 400: a non-200
-answer stops the browser for good (WHATWG HTML 9.2.3).
-
-Positions: every stream starts with one ``stream.open`` event (data:
-``{"channels": [...], "resumed": bool}``) or ``stream.reset`` event, whose id
-is the position the stream starts from, so even a page that received nothing
-yet reconnects without a gap. Heartbeats carry an id when the hub's position
-moved: an id-only block dispatches no event, yet sets the browser's last
-event ID (WHATWG HTML 9.2.6, "dispatch the event" step 1), so a reconnect
-after a quiet hour resumes instead of resetting.
+Once the first write has left, the stream tells the hub its socket: the hub
+then writes events and heartbeats to it directly while the stream waits
+(``myapp.sink``), and closes the stream as soon as the client hangs up
+(``myapp.hangups``).
 """
 
 import json
@@ -35,19 +27,19 @@ import time
 
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
-from myapp.hub import DISCONNECTED, Heartbeat, Tail
 from myapp.ids import format_id
+from myapp.subscription import DISCONNECTED
 
 __all__ = ["open_stream", "Stream"]
 
 
-def open_stream(hub, channels, last_event_id=None, *, key=None, retry_ms=2000, lifetime=None):
+def open_stream(hub, channels, last_event_id=None, *, owner=None, retry_ms=2000, lifetime=None):
     """Subscribe to ``channels`` and return the stream (a ``Stream``: an iterable of bytes).
 
     hub: the process's ``myapp.hub.Hub``.
     channels: channel names (tuple of str), already authorized.
     last_event_id: the client's Last-Event-ID (str) or None for a fresh stream.
-    key: what the hub's per-user stream limit counts, or None.
+    owner: what the hub's per-user stream limit counts, or None.
     retry_ms: the base reconnection delay in milliseconds; each stream sends
         a value jittered between 1x and 2x so reconnects after a deploy spread.
     lifetime: seconds after which the stream ends (the browser reconnects and
@@ -56,39 +48,38 @@ def open_stream(hub, channels, last_event_id=None, *, key=None, retry_ms=2000, l
     Raise BrokerUnavailable (broker down) or TooManyStreams before anything
     is sent; the caller answers 503 or 429.
     """
-    subscription = hub.subscribe(channels, last_event_id=last_event_id, key=key)
+    subscription = hub.subscribe(channels, last_event_id=last_event_id, owner=owner)
     retry = random.randint(retry_ms, 2 * retry_ms)
     first = [sse.encode(comment="stream open", retry=retry)]
     start = format_id(subscription.start)
     if subscription.reset is not None:
         first.append(sse.encode(json.dumps({"reason": subscription.reset}), event=RESET_EVENT, id=start))
     else:
-        opened = {"channels": list(channels), "resumed": last_event_id is not None}
+        opened = {"channels": list(channels), "resumed": bool(last_event_id)}
         first.append(sse.encode(json.dumps(opened), event=OPEN_EVENT, id=start))
-    return Stream(subscription, first, retry, lifetime)
+    return Stream(hub, subscription, first, retry, lifetime)
 
 
 class Stream:
     """What the view hands to ``StreamingHttpResponse``.
 
     Iterating it runs the plain sync generator of frames: ``first`` (list of
-    bytes frames) at once, then the subscription's items; ``retry`` is the
-    reconnection delay (milliseconds) sent when the stream ends, ``lifetime``
-    the seconds after which it ends, or None. Django calls ``close()`` when
-    the response ends, which leaves the hub even if the server never started
-    iterating (so no subscription can leak).
+    bytes frames) at once, then what the subscription queues; ``retry`` is
+    the reconnection delay (milliseconds) sent when the stream ends,
+    ``lifetime`` the seconds after which it ends, or None. Django calls
+    ``close()`` when the response ends, which leaves the hub even if the
+    server never started iterating (so no subscription can leak).
     """
 
-    __slots__ = ("_frames", "_subscription", "_sink", "_response", "_request")
+    __slots__ = ("_frames", "_hub", "_subscription", "_sink", "_sock", "_response", "_request")
 
-    def __init__(self, subscription, first, retry, lifetime):
+    def __init__(self, hub, subscription, first, retry, lifetime):
+        self._hub = hub
         self._subscription = subscription
-        self._sink = None
-        self._response = None
-        self._request = None
+        self._sink = self._sock = self._response = self._request = None
         self._frames = _frames(self, first, retry, lifetime)
 
-    def attach(self, response, *, sink=None, request=None):
+    def attach(self, response, *, sink=None, sock=None, request=None):
         """Tell the stream about its response, before it starts.
 
         response: the ``StreamingHttpResponse`` carrying this stream.
@@ -96,6 +87,9 @@ class Stream:
             has started, or None. If a middleware gave the response a
             ``Content-Encoding`` (compression rewrites the body), direct
             writes stay off.
+        sock: the connection's socket (gunicorn's ``gunicorn.socket``),
+            watched for the client's hang-up once the response has started,
+            or None.
         request: the Django request, or None. Once the response has started
             (every middleware is done with it), the stream releases what the
             request carries (session, user, messages, parsed query, ...) and
@@ -104,6 +98,7 @@ class Stream:
             builds around it, would live as long as the stream.
         """
         self._sink = sink
+        self._sock = sock
         self._response = response
         self._request = request
 
@@ -115,7 +110,7 @@ class Stream:
         self._subscription.close()
 
     def _started(self):
-        """Release the request; return the sink to enable now that the first frame has left, or None."""
+        """The first write has left: release the request, and hand the socket to the hub."""
         sink, response, request = self._sink, self._response, self._request
         self._response = self._request = None
         if request is not None:
@@ -123,9 +118,10 @@ class Stream:
             kept = {name: state[name] for name in _KEPT_REQUEST_STATE if name in state}
             state.clear()
             state.update(kept)
-        if sink is None or response is None or response.has_header("Content-Encoding"):
-            return None
-        return sink
+        if sink is not None and (response is None or response.has_header("Content-Encoding")):
+            sink = None
+        self._hub.attach(self._subscription, sink=sink, sock=self._sock)
+        self._sock = None
 
 
 #: What a streaming request keeps once its response has started.
@@ -133,7 +129,7 @@ _KEPT_REQUEST_STATE = ("environ", "META", "path", "path_info", "method")
 
 
 def _frames(stream, first, retry, lifetime):
-    """Yield the first frame, then each burst of queued items in one write; drop what was sent already."""
+    """Yield the first frame, then each burst of queued frames in one write."""
     subscription = stream._subscription
     deadline = time.monotonic() + lifetime if lifetime else None
     out = first
@@ -141,22 +137,18 @@ def _frames(stream, first, retry, lifetime):
     try:
         while True:
             # The hub's heartbeats wake this at least every heartbeat interval;
-            # closing the subscription (overflow, shutdown, hub death) wakes it too.
-            for item in subscription.get(wait):
-                kind = type(item)
-                if kind is Tail:
-                    # The rest of a direct write: it goes out before anything
-                    # else, as it is (already framed for the wire).
-                    try:
-                        stream._sink.sendall(item.data)
-                    except OSError:
-                        return
-                elif kind is Heartbeat:
-                    frame, subscription.pos = item.wire(subscription.pos, chunked=False)
-                    out.append(frame)
-                elif item.pos > subscription.pos:
-                    out.append(item.frame)
-                    subscription.pos = item.pos
+            # closing the subscription (overflow, shutdown, hang-up, hub death)
+            # wakes it too.
+            tail, frames = subscription.get(wait)
+            if tail is not None:
+                # The rest of a direct write: it goes out before anything
+                # else, as it is (already framed for the wire).
+                try:
+                    stream._sink.sendall(tail)
+                except OSError:
+                    return
+            if frames:
+                out.extend(frames)
             closed = subscription.closed
             if closed is not None:
                 if closed == DISCONNECTED:
@@ -174,11 +166,8 @@ def _frames(stream, first, retry, lifetime):
                 yield b"".join(out)
                 out = []
             if wait == 0:
-                # The server has written the headers and the first frame: from
-                # now on the hub may write to the socket while this waits.
-                sink = stream._started()
-                if subscription.closed is None:
-                    subscription.direct = sink
+                # The server has written the headers and the first frame.
+                stream._started()
                 wait = None
     finally:
         subscription.close()

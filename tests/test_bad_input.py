@@ -2,9 +2,11 @@
 
 import json
 import socket
+import time
 import uuid
 
 import pytest
+import requests
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.test import Client
@@ -95,6 +97,25 @@ def test_per_user_stream_limit_gives_429_with_retry_after(memory_broker, alice, 
     second_chance = alice.get("/events/")
     assert second_chance.status_code == 200
     second_chance.close()
+
+
+@pytest.mark.parametrize(
+    ("channels", "message"),
+    [
+        ([""], "channel must not be empty"),
+        (["bad name\n"], "channel may only contain"),
+        (["c" * 5000], "channel is 5000 characters; the limit is 128"),
+        (["!hub:1-0123456789ab"], "channel may only contain"),
+        (["room:a", 7], "channel must be a str"),
+        ([], "a subscription token must grant at least one channel"),
+        ("room:a", "channels must be a list of channel names, not a str"),
+    ],
+    ids=["empty", "LF", "5000 characters", "hub prefix", "not a str", "no channel", "a str"],
+)
+def test_subscription_token_refuses_invalid_channels(channels, message):
+    """Minting a token for channels no stream could carry raises InvalidEvent naming the rule."""
+    with pytest.raises(InvalidEvent, match=message):
+        subscription_token(channels)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -298,6 +319,186 @@ def test_barrage_of_hostile_requests_leaves_other_streams_intact(stack):
         ("note", '"still fine"'),
     ]
     bystander.close()
+
+
+def publish_head(stack, *headers):
+    """The request line and headers of an authenticated JSON POST /api/events/ (bytes), without a body."""
+    from tests.stack import PUBLISH_TOKEN
+
+    lines = [
+        "POST /api/events/ HTTP/1.1",
+        f"Host: 127.0.0.1:{stack.port}",
+        f"Authorization: Bearer {PUBLISH_TOKEN}",
+        "Content-Type: application/json",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_reply(sock, timeout):
+    """Read one HTTP response with a Content-Length from ``sock``; return (status, JSON body)."""
+    sock.settimeout(timeout)
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        data = sock.recv(65536)
+        assert data, f"the server closed the connection after {reply!r}"
+        reply += data
+    head, _, body = reply.partition(b"\r\n\r\n")
+    fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+    length = int({name.lower(): value for name, value in fields.items()}[b"content-length"])
+    while len(body) < length:
+        data = sock.recv(65536)
+        assert data, "the server closed the connection mid-body"
+        body += data
+    return int(head.split()[1]), json.loads(body[:length])
+
+
+@pytest.mark.e2e
+def test_chunked_publish_body_is_read_and_delivered(redis_stack):
+    """A chunked publish body (no Content-Length) is read whole, published, and reaches a stream."""
+    from tests.stack import PUBLISH_TOKEN
+
+    session = redis_stack.login("alice")
+    channel = f"room:chunked-{uuid.uuid4().hex[:6]}"
+    client = SSEClient(session, f"{redis_stack.url}/events/?channel={channel}")
+    try:
+        client.wait_count("stream.open", 1)
+        body = json.dumps({"channel": channel, "event_type": "note", "data": {"text": "in pieces"}}).encode()
+        pieces = (body[start : start + 7] for start in range(0, len(body), 7))  # a generator: sent chunked
+        response = requests.post(
+            redis_stack.url + "/api/events/",
+            data=pieces,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            timeout=10,
+        )
+        assert response.request.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in response.request.headers
+        assert response.status_code == 200, response.text
+        (note,) = client.wait_count("note", 1)
+        assert (note.data, note.last_event_id) == ('{"text":"in pieces"}', response.json()["id"])
+    finally:
+        client.close()
+
+
+@pytest.mark.e2e
+def test_chunked_publish_body_over_the_limit_is_413_before_it_ends(redis_stack):
+    """A chunked 10 MB body gets 413 once past MYAPP_PUBLISH_MAX_BODY_BYTES, while the client has not sent the rest."""
+    limit = int(redis_stack.env["MYAPP_PUBLISH_MAX_BODY_BYTES"])
+    total, piece = 10 * 1024 * 1024, b"x" * 65536
+    sent = 0
+    with socket.create_connection(("127.0.0.1", redis_stack.port), timeout=10) as sock:
+        sock.sendall(publish_head(redis_stack, "Transfer-Encoding: chunked"))
+        # Send just past the limit, then stop: no further chunk and no last chunk. A server that
+        # waited for the whole body would never answer.
+        while sent <= limit + len(piece):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent += len(piece)
+        status, body = read_reply(sock, timeout=10)
+    assert (status, body) == (413, {"error": f"the body is larger than {limit} bytes (MYAPP_PUBLISH_MAX_BODY_BYTES)"})
+    assert sent < total / 8, "answered with most of the 10 MB never sent"
+    assert redis_stack.publish("room:after-413", 1).status_code == 200, "the server goes on"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "chunks",
+    [b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"],
+    ids=["bad size", "short chunk", "no CRLF after the data"],
+)
+def test_malformed_chunked_publish_body_is_400(redis_stack, chunks):
+    """Broken chunked framing gets 400 "could not be read": the server's parse error does not become a 500."""
+    with socket.create_connection(("127.0.0.1", redis_stack.port), timeout=10) as sock:
+        sock.sendall(publish_head(redis_stack, "Transfer-Encoding: chunked") + chunks)
+        if chunks.startswith(b"5"):
+            sock.shutdown(socket.SHUT_WR)  # the chunk promised 5 bytes; the body ends after 2
+        status, body = read_reply(sock, timeout=10)
+    assert (status, body) == (400, {"error": "the body could not be read (malformed chunked encoding or an early end)"})
+    assert redis_stack.publish("room:after-broken-chunks", 1).status_code == 200, "the server goes on"
+
+
+@pytest.mark.e2e
+def test_publish_without_length_or_chunks_is_an_empty_body(redis_stack):
+    """No Content-Length and no Transfer-Encoding: the body is empty (RFC 9112 6.3), a 400 that says how to send one."""
+    with socket.create_connection(("127.0.0.1", redis_stack.port), timeout=10) as sock:
+        sock.sendall(publish_head(redis_stack))
+        status, body = read_reply(sock, timeout=10)
+    assert status == 400
+    assert body["error"] == "the body is empty: send a JSON object with Content-Length or Transfer-Encoding: chunked"
+
+
+def signed_token(stack, payload):
+    """Sign a token payload as the stack would (its SECRET_KEY, the tokens' salt), unvalidated."""
+    from django.core import signing
+
+    return signing.dumps(payload, key=stack.env["DJANGO_SECRET_KEY"], salt="myapp.subscription-token", compress=True)
+
+
+SIGNED_TOKEN_CASES = [
+    ("empty name", [""], 400, "the subscription token cannot open a stream: channel must not be empty"),
+    ("LF in name", ["bad name\n"], 400, "channel may only contain"),
+    ("5000-character name", ["c" * 5000], 400, "channel is 5000 characters; the limit is 128"),
+    ("hub's reserved prefix", ["!hub:1-0123456789ab"], 400, "channel may only contain"),
+    ("one bad name among good", ["room:a", "bad name"], 400, "channel may only contain"),
+    (
+        "no channel",
+        [],
+        400,
+        "the subscription token cannot open a stream: a subscription token must grant at least one",
+    ),
+    ("a string, not a list", "room:a", 401, "invalid subscription token: malformed token"),
+    ("not a list of strings", [["room:a"]], 401, "invalid subscription token: malformed token"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("channels", "status", "reason"),
+    [case[1:] for case in SIGNED_TOKEN_CASES],
+    ids=[case[0] for case in SIGNED_TOKEN_CASES],
+)
+def test_signed_token_with_invalid_channels_is_refused(redis_stack, channels, status, reason):
+    """A correctly signed token (older or forged) whose channels cannot be streamed is refused with its reason."""
+    token = signed_token(redis_stack, {"c": channels, "e": int(time.time()) + 600})
+    for query in ("", "&check=1"):
+        with requests.get(f"{redis_stack.url}/events/?token={token}{query}", stream=True, timeout=5) as response:
+            assert response.status_code == status, response.headers
+            assert reason in response.json()["error"]
+
+
+@pytest.mark.e2e
+def test_repeated_channel_counts_once(redis_stack):
+    """The same channel 11 times opens a stream carrying it once; 11 distinct channels are still refused."""
+    session = redis_stack.login("alice")
+    client = SSEClient(session, f"{redis_stack.url}/events/?" + "&".join(["channel=room:a"] * 11))
+    try:
+        assert client.status == 200, client.response.text[:200]
+        (opened,) = client.wait_count("stream.open", 1)
+        assert json.loads(opened.data)["channels"] == ["room:a"]
+    finally:
+        client.close()
+    distinct = session.get(f"{redis_stack.url}/events/?" + "&".join(f"channel=room:{n}" for n in range(11)), timeout=5)
+    assert distinct.status_code == 400
+    assert "at most 10 channels" in distinct.json()["error"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("where", ["query", "header"])
+def test_empty_last_event_id_opens_a_fresh_stream(redis_stack, where):
+    """An empty ?lastEventId= or Last-Event-ID header is absent: stream.open, resumed false, no stream.reset."""
+    session = redis_stack.login("alice")
+    if where == "query":
+        client = SSEClient(session, f"{redis_stack.url}/events/?lastEventId=")
+    else:
+        client = SSEClient(session, f"{redis_stack.url}/events/", headers={"Last-Event-ID": ""})
+        assert client.response.request.headers["Last-Event-ID"] == ""
+    try:
+        assert client.status == 200
+        client.wait_count("stream.open", 1)
+        first = client.messages[0]
+        assert (first.type, json.loads(first.data)["resumed"]) == ("stream.open", False)
+        assert client.of_type("stream.reset") == []
+    finally:
+        client.close()
 
 
 @pytest.mark.e2e

@@ -212,9 +212,9 @@ def test_history_length_bounds_and_reports_trimming(broker):
 def test_publisher_id_makes_publishing_idempotent(broker, collector):
     """Publishing twice with the same publisher id delivers once and returns the first position."""
     collector.subscribe("room:a")
-    first = broker.publish("room:a", "t", "once", key="order-42")
-    again = broker.publish("room:a", "t", "once", key="order-42")
-    other = broker.publish("room:a", "t", "other", key="order-43")
+    first = broker.publish("room:a", "t", "once", idempotency_key="order-42")
+    again = broker.publish("room:a", "t", "once", idempotency_key="order-42")
+    other = broker.publish("room:a", "t", "other", idempotency_key="order-43")
     assert first == again != other
     assert [e.data for e in collector.wait_events(2)] == ["once", "other"]
     collector.pump(0.2)
@@ -224,9 +224,9 @@ def test_publisher_id_makes_publishing_idempotent(broker, collector):
 def test_publisher_ids_are_scoped_to_their_channel(broker, collector):
     """The same publisher id on two channels, or ids that would collide if joined naively, publish both."""
     collector.subscribe("a", "a:b")
-    first = broker.publish("a", "t", "one", key="b:c")
-    second = broker.publish("a:b", "t", "two", key="c")
-    third = broker.publish("a:b", "t", "three", key="b:c")
+    first = broker.publish("a", "t", "one", idempotency_key="b:c")
+    second = broker.publish("a:b", "t", "two", idempotency_key="c")
+    third = broker.publish("a:b", "t", "three", idempotency_key="b:c")
     assert len({first, second, third}) == 3
     assert [e.data for e in collector.wait_events(3)] == ["one", "two", "three"]
 
@@ -298,7 +298,7 @@ def test_streams_share_the_subscription_and_clean_up(broker, hub_factory):
     parsers = SSEParser(), SSEParser()
     for parser, stream in zip(parsers, frames, strict=True):
         assert [m.type for m in parser.feed(next(stream))] == ["stream.open"]
-    assert hub.stats() == {"streams": 2, "channels": 1, "connected": True}
+    assert hub.stats() == {"streams": 2, "channels": 1, "watched": 0, "connected": True}
     pos = broker.publish("room:a", "t", '"both"')
     for parser, stream in zip(parsers, frames, strict=True):
         assert [(m.type, m.data, m.last_event_id) for m in parser.feed(next(stream))] == [
@@ -307,7 +307,7 @@ def test_streams_share_the_subscription_and_clean_up(broker, hub_factory):
     first.close()
     assert hub.stats()["streams"] == 1
     second.close()
-    assert hub.stats() == {"streams": 0, "channels": 0, "connected": True}
+    assert hub.stats() == {"streams": 0, "channels": 0, "watched": 0, "connected": True}
 
 
 def test_stream_resumes_each_channel_from_one_id(broker, hub_factory):

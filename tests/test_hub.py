@@ -1,14 +1,16 @@
 """The hub: reference counting, cleanup, bounded queues, heartbeats, reconnection (memory broker)."""
 
+import json
 import threading
 
 import pytest
 
 from myapp.brokers.memory import MemoryBroker, MemoryListener
-from myapp.events import Event
 from myapp.exceptions import BrokerUnavailable
-from myapp.hub import GAP, OVERFLOW, SHUTDOWN, Heartbeat, TooManyStreams
+from myapp.hub import OVERFLOW, SHUTDOWN, TooManyStreams
+from myapp.ids import format_id, parse
 from tests.conftest import wait_until
+from tests.sse_client import SSEParser, parse_all
 
 
 class SpyBroker(MemoryBroker):
@@ -24,7 +26,6 @@ class SpyBroker(MemoryBroker):
         if self.refuse.is_set():
             raise BrokerUnavailable("refused by the test")
         listener = SpyListener(self, hub_channel)
-        listener.subscribe([hub_channel])
         self.listeners.append(listener)
         return listener
 
@@ -46,15 +47,20 @@ class SpyListener(MemoryListener):
         self.close()
 
 
-def events_of(subscription, timeout=5.0):
-    """Collect the Event items a subscription receives until ``timeout`` passes with nothing new."""
+def frames_of(subscription, timeout=5.0):
+    """Collect the frames (bytes) a subscription queues until ``timeout`` passes with nothing new."""
     collected = []
     while True:
-        items = subscription.get(timeout)
-        if not items:
+        _, frames = subscription.get(timeout)
+        if not frames:
             return collected
-        collected.extend(item for item in items if isinstance(item, Event))
+        collected.extend(frames)
         timeout = 0.2
+
+
+def events_of(subscription, timeout=5.0):
+    """The messages (tests.sse_client.Message) a subscription receives, heartbeats and resets left out."""
+    return [m for m in parse_all(b"".join(frames_of(subscription, timeout))) if not m.type.startswith("stream.")]
 
 
 @pytest.fixture
@@ -73,7 +79,7 @@ def test_channel_subscribed_once_and_dropped_with_last_subscriber(spy, hub_facto
     second.close()
     wait_until(lambda: len(spy.data_commands()) == 3, what="the unsubscribe")
     assert spy.data_commands()[-1] == ("unsubscribe", ["room:a", "room:b"])
-    assert hub.stats() == {"streams": 0, "channels": 0, "connected": True}
+    assert hub.stats() == {"streams": 0, "channels": 0, "watched": 0, "connected": True}
 
 
 def test_resubscribe_after_unsubscribe_waits_for_a_fresh_confirmation(spy, hub_factory):
@@ -98,22 +104,20 @@ def test_events_reach_every_subscriber_of_the_channel_only(spy, hub_factory):
 
 
 def test_frame_is_encoded_once_and_shared(spy, hub_factory):
-    """Every subscription gets the same Event object, so its frame is encoded once per process."""
-    hub = hub_factory(spy)
+    """Every subscription queues the same frame object: an event is encoded once per process."""
+    hub = hub_factory(spy, heartbeat_interval=30)
     subs = [hub.subscribe(["room:a"]) for _ in range(3)]
     spy.publish("room:a", "t", "x")
-    received = [events_of(sub, 2)[0] for sub in subs]
+    received = [frames_of(sub, 2)[0] for sub in subs]
     assert received[0] is received[1] is received[2]
-    assert received[0].frame is received[1].frame
+    assert b"data: x" in received[0]
 
 
 def receive(subscription, data, timeout=5.0):
-    """Read ``subscription`` until an event with ``data`` arrives; return the events read."""
+    """Read ``subscription`` until an event with ``data`` arrives; return the messages read."""
     seen = []
     wait_until(
-        lambda: (
-            seen.extend(i for i in subscription.get(0.05) if isinstance(i, Event)) or data in [e.data for e in seen]
-        ),
+        lambda: seen.extend(parse_all(b"".join(subscription.get(0.05)[1]))) or data in [m.data for m in seen],
         timeout,
         what=f"event {data!r}",
     )
@@ -129,23 +133,23 @@ def test_overflow_closes_only_the_slow_subscription(spy, hub_factory):
         spy.publish("room:a", "t", str(number))
         receive(fast, str(number))
     wait_until(lambda: slow.closed == OVERFLOW, what="the overflow")
-    queued = [item.data for item in slow.get(0) if isinstance(item, Event)]
+    queued = [m.data for m in parse_all(b"".join(slow.get(0)[1])) if m.type == "t"]
     assert queued == ["0", "1", "2"], "the queue keeps what it held, bounded"
     spy.publish("room:a", "t", "later")
     receive(fast, "later")
-    assert slow.get(0) == []
+    assert slow.get(0) == (None, [])
     assert hub.stats()["streams"] == 1
 
 
 def test_closing_a_subscription_is_idempotent_and_frees_its_key(spy, hub_factory):
     """close() twice is harmless; the per-key count drops with it."""
-    hub = hub_factory(spy, max_streams_per_key=1)
-    sub = hub.subscribe(["room:a"], key=7)
+    hub = hub_factory(spy, max_streams_per_owner=1)
+    sub = hub.subscribe(["room:a"], owner=7)
     with pytest.raises(TooManyStreams):
-        hub.subscribe(["room:b"], key=7)
+        hub.subscribe(["room:b"], owner=7)
     sub.close()
     sub.close()
-    hub.subscribe(["room:b"], key=7)
+    hub.subscribe(["room:b"], owner=7)
 
 
 def test_heartbeats_carry_the_hub_position(spy, hub_factory):
@@ -154,22 +158,27 @@ def test_heartbeats_carry_the_hub_position(spy, hub_factory):
     sub = hub.subscribe(["room:a"])
     hub.subscribe(["room:other"])
     pos = spy.publish("room:other", "t", "x")
-    beats = []
+    parser = SSEParser()
+    frames = []
 
     def heartbeat_at_pos():
-        beats.extend(item.pos for item in sub.get(0.05) if isinstance(item, Heartbeat))
-        return beats and beats[-1] >= pos
+        got = sub.get(0.05)[1]
+        frames.extend(got)
+        dispatched = parser.feed(b"".join(got))
+        assert dispatched == [], "heartbeats dispatch nothing (no data)"
+        return parser.last_event_id and parse(parser.last_event_id) >= pos
 
     wait_until(heartbeat_at_pos, what="a heartbeat carrying the new position")
+    assert any(frame.startswith(b"event: stream.position\nid: ") for frame in frames), "a named block"
 
 
 def test_stalled_subscription_keeps_a_single_heartbeat(spy, hub_factory):
     """Heartbeats to a stream that does not read replace each other instead of piling up."""
     hub = hub_factory(spy, heartbeat_interval=0.05)
     sub = hub.subscribe(["room:a"])
-    wait_until(lambda: len(sub._items) == 1, what="a heartbeat")
+    wait_until(lambda: len(sub._frames) == 1, what="a heartbeat")
     threading.Event().wait(0.3)  # several heartbeat intervals pass unread
-    assert len(sub._items) == 1
+    assert len(sub._frames) == 1
 
 
 def test_reconnect_resubscribes_and_replays_what_was_missed(spy, hub_factory):
@@ -193,20 +202,30 @@ def test_reconnect_resubscribes_and_replays_what_was_missed(spy, hub_factory):
     assert resubscribed == [("subscribe", ["room:a"]), ("subscribe", ["room:a"])]
 
 
-def test_reconnect_closes_streams_whose_history_was_trimmed(hub_factory):
-    """If events were trimmed while the hub was away, its streams close with GAP so browsers reset."""
+def test_reconnect_resets_streams_whose_history_was_trimmed_before_any_later_event(hub_factory):
+    """Events trimmed while the hub was away: their streams get stream.reset before anything after the hole."""
     spy = SpyBroker(history_length=2)
-    hub = hub_factory(spy, reconnect_delay=(0.05, 0.2))
+    hub = hub_factory(spy, reconnect_delay=(0.05, 0.2), heartbeat_interval=30)
     sub = hub.subscribe(["room:a"])
     other = hub.subscribe(["room:b"])
+    spy.publish("room:a", "t", "before")
+    receive(sub, "before")
     spy.refuse.set()
     spy.listeners[-1].cut()
     wait_until(lambda: not hub.connected, what="the hub to notice")
     for number in range(4):
-        spy.publish("room:a", "t", str(number))
+        spy.publish("room:a", "t", str(number))  # "0" and "1" are trimmed
+    spy.publish("room:b", "t", "b")
     spy.refuse.clear()
-    wait_until(lambda: sub.closed == GAP, what="the gap")
-    assert other.closed is None
+    wait_until(lambda: hub.connected, what="the reconnection")
+    last = spy.publish("room:a", "t", "after")
+    messages = parse_all(b"".join(frames_of(sub, 2)))
+    kinds = [(m.type, m.data) for m in messages if m.type != "stream.position"]
+    assert kinds[0] == ("stream.reset", json.dumps({"reason": "trimmed"})), "the reset comes first"
+    assert all(m[0] != "t" or m[1] == "after" for m in kinds[1:]), "nothing from before the reset after it"
+    assert kinds[-1] == ("t", "after") and messages[-1].last_event_id == format_id(last)
+    assert sub.closed is None and other.closed is None, "streams stay open"
+    assert [m.data for m in events_of(other, 0.3)] == ["b"], "a channel without a hole replays, no reset"
 
 
 def test_unconfirmed_subscription_times_out_with_broker_unavailable(spy, hub_factory, monkeypatch):

@@ -43,10 +43,14 @@ def doc_blocks():
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory):
-    """The project's wheel, built once (``python -m build --wheel``)."""
+    """The project's wheel, built once with ``python -m build`` (sdist, then the wheel from the sdist).
+
+    Building the wheel from the sdist also keeps stale files of a checkout's
+    ``build/`` folder out of it.
+    """
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(BASE)],
+        [sys.executable, "-m", "build", "--outdir", str(out), str(BASE)],
         check=True,
         capture_output=True,
         timeout=300,

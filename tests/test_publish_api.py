@@ -1,15 +1,17 @@
 """POST /api/events/: authentication, validation, limits, and never a 500 (in-process, memory broker)."""
 
+import io
 import json
 import logging
 
 import pytest
-from django.test import Client
+from django.test import Client, RequestFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from myapp.brokers import get_broker
 from myapp.ids import parse
+from myapp.views.api import publish
 
 TOKEN = "publish-token-for-tests-0123456789"
 URL = "/api/events/"
@@ -125,7 +127,7 @@ def test_csrf_does_not_apply_but_applies_elsewhere():
 BAD_BODIES = [
     ("not JSON", b"{nope", 400, "not valid JSON"),
     ("invalid UTF-8", b'{"channel": "\xff\xfe"}', 400, "not valid UTF-8"),
-    ("empty body", b"", 400, "not valid JSON"),
+    ("empty body", b"", 400, "the body is empty"),
     ("a list", b"[1, 2]", 400, "must be a JSON object"),
     ("missing data", {"channel": "room:a", "event_type": "t"}, 400, "missing field: data"),
     ("unknown field", {"channel": "room:a", "event_type": "t", "data": 1, "evil": 1}, 400, "unknown fields: evil"),
@@ -178,6 +180,51 @@ def test_body_over_the_limit_is_413(settings):
     settings.MYAPP_PUBLISH_MAX_BODY_BYTES = 1000
     response = post({"channel": "room:a", "event_type": "t", "data": "x" * 2000})
     assert response.status_code == 413 and "1000 bytes" in response.json()["error"]
+
+
+class CountingInput(io.BytesIO):
+    """A de-chunked ``wsgi.input`` that counts the bytes the view asked for."""
+
+    def __init__(self, body):
+        super().__init__(body)
+        self.asked = 0
+
+    def read(self, size=-1, /):
+        self.asked += size if size is not None and size >= 0 else len(self.getbuffer())
+        return super().read(size)
+
+
+def post_chunked(body, terminated=True):
+    """POST ``body`` as a server hands over a chunked request: no CONTENT_LENGTH, the body in ``wsgi.input``."""
+    extra = {"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input": CountingInput(body)}
+    if terminated:
+        extra["wsgi.input_terminated"] = True  # gunicorn, mod_wsgi: wsgi.input ends where the body ends
+    request = RequestFactory().post(URL, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {TOKEN}", **extra)
+    del request.META["CONTENT_LENGTH"]
+    return publish(request), extra["wsgi.input"]
+
+
+def test_chunked_body_is_read_from_the_terminated_input():
+    """A chunked body (no Content-Length) is read from wsgi.input when the server ends it there."""
+    response, _ = post_chunked(json.dumps({"channel": "room:a", "event_type": "t", "data": 1}).encode())
+    assert response.status_code == 200, response.content
+    assert stored("room:a") == [("t", "1")]
+
+
+def test_chunked_body_over_the_limit_is_413_after_limit_plus_one_bytes(settings):
+    """A chunked body over MYAPP_PUBLISH_MAX_BODY_BYTES: 413, having asked for at most the limit plus one byte."""
+    settings.MYAPP_PUBLISH_MAX_BODY_BYTES = 1000
+    response, body = post_chunked(b"x" * 100_000)
+    assert response.status_code == 413 and "1000 bytes" in json.loads(response.content)["error"]
+    assert body.asked <= 1001
+
+
+def test_chunked_body_the_server_cannot_end_is_411():
+    """Chunked, but the server does not end wsgi.input at the body's end (no wsgi.input_terminated): 411."""
+    response, body = post_chunked(b'{"channel": "room:a", "event_type": "t", "data": 1}', terminated=False)
+    assert response.status_code == 411
+    assert "Content-Length" in json.loads(response.content)["error"]
+    assert body.asked == 0 and stored("room:a") == []
 
 
 def test_event_over_the_size_limit_is_413(settings):

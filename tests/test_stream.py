@@ -112,7 +112,7 @@ def test_id_older_than_history_ttl_resets(broker, hub):
 
 
 def test_heartbeats_move_the_last_event_id_forward(broker, hub):
-    """On a quiet channel, heartbeats carry id-only blocks so the client's last event id keeps up."""
+    """On a quiet channel, heartbeats carry data-less stream.position blocks so the client's last event id keeps up."""
     reader = Reader(open_stream(hub, ("room:a",)))
     reader.pull()
     before = reader.parser.last_event_id
@@ -121,7 +121,7 @@ def test_heartbeats_move_the_last_event_id_forward(broker, hub):
     wait_until(lambda: reader.pull() is not None and parse(reader.parser.last_event_id) >= busy, what="a heartbeat id")
     assert parse(reader.parser.last_event_id) > parse(before)
     assert reader.data() == [], "heartbeats dispatch nothing"
-    assert "" in reader.parser.comments
+    assert [m.type for m in reader.messages] == ["stream.open"], "a block without data is not dispatched"
 
 
 def test_overflowing_stream_ends_cleanly_with_a_retry(broker, hub_factory):

@@ -8,18 +8,19 @@ Django's convention (as ``STORAGES`` and ``TASKS``). Shipped backends:
 - ``myapp.brokers.memory.MemoryBroker``: one process only (tests, runserver).
 """
 
-import threading
-
 from django.utils.module_loading import import_string
 
 from myapp.exceptions import BrokerConfigurationError
+from myapp.registry import ProcessLocal
 
-from .base import Broker
+from .base import Broker, Listener
 
 __all__ = ["get_broker", "load_broker", "reset"]
 
-_broker = None
-_lock = threading.Lock()
+
+def _missing(cls):
+    """The abstract methods ``cls`` leaves unimplemented, sorted (list of str)."""
+    return sorted(getattr(cls, "__abstractmethods__", ()))
 
 
 def load_broker(config):
@@ -49,6 +50,16 @@ def load_broker(config):
         ) from None
     if not (isinstance(backend, type) and issubclass(backend, Broker)):
         raise BrokerConfigurationError(f"MYAPP_BROKER BACKEND {path!r} is not a subclass of myapp.brokers.base.Broker")
+    listener = backend.listener_class
+    if not (isinstance(listener, type) and issubclass(listener, Listener)):
+        raise BrokerConfigurationError(
+            f"MYAPP_BROKER BACKEND {path!r} has no listener_class (a subclass of myapp.brokers.base.Listener)"
+        )
+    for cls in (backend, listener):
+        if missing := _missing(cls):
+            raise BrokerConfigurationError(
+                f"MYAPP_BROKER BACKEND {path!r}: {cls.__name__} does not implement {', '.join(missing)}"
+            )
     options = config.get("OPTIONS") or {}
     if not isinstance(options, dict):
         raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS must be a dict, got {type(options).__name__}")
@@ -58,24 +69,20 @@ def load_broker(config):
         raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS do not fit {backend.__name__}: {error}") from None
 
 
-def get_broker():
-    """Return this process's broker, built from settings on first use."""
-    global _broker
-    broker = _broker
-    if broker is None:
-        with _lock:
-            if _broker is None:
-                from myapp.conf import setting
+def _build():
+    from myapp.conf import setting
 
-                _broker = load_broker(setting("MYAPP_BROKER"))
-            broker = _broker
-    return broker
+    return load_broker(setting("MYAPP_BROKER"))
+
+
+_broker = ProcessLocal(_build, discard=lambda broker: broker.close())
+
+
+def get_broker():
+    """Return this process's broker, built from settings on first use (and again in a forked child)."""
+    return _broker.get()
 
 
 def reset():
     """Close and forget the process's broker (used when settings change)."""
-    global _broker
-    with _lock:
-        broker, _broker = _broker, None
-    if broker is not None:
-        broker.close()
+    _broker.reset()

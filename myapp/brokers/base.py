@@ -1,6 +1,8 @@
 """The broker contract: what every backend (Redis, PostgreSQL, memory) provides.
 
-A broker does four things:
+A broker does four things (the abstract methods of ``Broker`` and
+``Listener``; a backend that lacks one fails at start-up with its name,
+see ``myapp.brokers.load_broker``):
 
 1. ``publish``: assign the event the next position in one broker-wide order
    (see ``myapp.ids``), add it to the channel's bounded history, and deliver
@@ -18,7 +20,10 @@ the options and must not do I/O: connections open on first use, after gevent
 has patched the process.
 """
 
+import abc
 from typing import NamedTuple
+
+from .options import positive_int, seconds
 
 __all__ = ["Broker", "Listener", "History", "Subscribed", "Trimmed", "HUB_CHANNEL_PREFIX"]
 
@@ -58,95 +63,98 @@ class Subscribed(NamedTuple):
 
 
 class Trimmed(NamedTuple):
-    """A listener notice: an event on ``channel`` was trimmed before it could be read.
+    """A listener notice: the event at ``pos`` on ``channel`` was trimmed before it could be read.
 
-    Streams on the channel would have a gap, so the hub closes them; their
-    browsers reconnect and learn from the history that they must reset.
+    Streams on the channel would have a gap, so the hub sends them a reset
+    (``stream.reset``, reason ``trimmed``) positioned at ``pos`` (int, 0 if
+    unknown) and they go on with later events.
     """
 
     channel: str
+    pos: int = 0
 
 
-class Broker:
+class Broker(abc.ABC):
     """Base class of the broker backends.
 
     history_length: events kept per channel (int >= 1).
     history_ttl: seconds an event is kept (float > 0). An id older than this
-        cannot be resumed and gets a reset (see ``myapp.stream``).
+        cannot be resumed and gets a reset (see ``myapp.resume``).
 
     Subclasses take their own keyword-only options too and raise
-    ``myapp.exceptions.BrokerConfigurationError`` for a bad one. Every method
-    that talks to the server raises ``myapp.exceptions.BrokerUnavailable``
-    when it cannot, within the backend's timeouts.
+    ``myapp.exceptions.BrokerConfigurationError`` for a bad one (the
+    helpers in ``myapp.brokers.options`` say what to fix). Every method that
+    talks to the server raises ``myapp.exceptions.BrokerUnavailable`` when
+    it cannot, within the backend's timeouts, and only then: input the
+    server cannot store is the backend's to encode, never an outage.
     """
 
     #: False if events published in one process never reach another (the
     #: memory backend): the system checks refuse it with several workers.
     supports_multiple_processes = True
 
+    #: The backend's ``Listener`` subclass; ``load_broker`` checks at
+    #: start-up that it implements every abstract method.
+    listener_class = None
+
     def __init__(self, *, history_length=1000, history_ttl=3600.0):
-        from myapp.exceptions import BrokerConfigurationError
+        self.history_length = positive_int("history_length", history_length, unit="events per channel")
+        self.history_ttl = seconds("history_ttl", history_ttl)
 
-        if type(history_length) is not int or history_length < 1:
-            raise BrokerConfigurationError(
-                f"MYAPP_BROKER OPTIONS history_length must be an int >= 1 (events per channel), got {history_length!r}"
-            )
-        if not isinstance(history_ttl, (int, float)) or history_ttl <= 0:
-            raise BrokerConfigurationError(
-                f"MYAPP_BROKER OPTIONS history_ttl must be a number of seconds > 0, got {history_ttl!r}"
-            )
-        self.history_length = history_length
-        self.history_ttl = float(history_ttl)
-
-    def publish(self, channel, event_type, data, *, key=None):
+    @abc.abstractmethod
+    def publish(self, channel, event_type, data, *, idempotency_key=None):
         """Publish one event and return its position (int).
 
-        channel, event_type, data: str, already validated by the caller.
-        key: an optional publisher-chosen id (str). If an event with the same
-            key was published on this channel within ``history_ttl``, publish
-            nothing and return that event's position.
+        channel, event_type, data: str, already validated by the caller
+            (``myapp.publish.validate_event``); data may hold any Unicode
+            text that encodes to UTF-8, NUL included.
+        idempotency_key: an optional publisher-chosen id (str). If an event
+            with the same key was published on this channel within
+            ``history_ttl``, publish nothing and return that event's position.
 
         Raise BrokerUnavailable if the broker cannot take the event; then it
         was not published.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def last_position(self):
         """Return the newest position handed out (int), 0 if none yet.
 
         Raise BrokerUnavailable on failure.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def history(self, channels, after):
         """Return the ``History`` of ``channels`` (iterable of str) after position ``after`` (int).
 
         At most ``history_length`` events per channel. Raise BrokerUnavailable
         on failure.
         """
-        raise NotImplementedError
 
     def listener(self, hub_channel):
         """Open and return a new ``Listener``, already subscribed to ``hub_channel``.
 
         hub_channel: the hub's private control channel (str starting with
         HUB_CHANNEL_PREFIX), where ``Listener.publish_marker`` publishes.
+        Builds ``listener_class(self, hub_channel)``.
 
         Raise BrokerUnavailable if the connection cannot be opened.
         """
-        raise NotImplementedError
+        return self.listener_class(self, hub_channel)
 
-    def release(self):
-        """Give back per-greenlet resources (e.g. a database connection) after a call.
+    def check(self):
+        """Return a list of ``django.core.checks`` messages about this backend's configuration.
 
-        The hub calls this after it used ``history`` from its own greenlet.
+        Run by ``manage.py check`` and by each gunicorn worker at boot
+        (``myapp.checks``); does no I/O. The base class has nothing to check.
         """
+        return []
 
-    def close(self):
+    def close(self):  # noqa: B027 - optional: a backend without connections has nothing to close
         """Close every connection this broker holds."""
 
 
-class Listener:
+class Listener(abc.ABC):
     """One subscriber connection to the broker, owned by one hub greenlet.
 
     Only the owning greenlet calls its methods, except ``wakeup`` which any
@@ -154,18 +162,19 @@ class Listener:
     the connection is lost; the hub then closes it and opens a new one.
     """
 
+    @abc.abstractmethod
     def subscribe(self, channels):
         """Ask the broker to deliver the events of ``channels`` (list of str).
 
         Returns at once; each confirmation arrives later from ``wait`` as a
         ``Subscribed`` notice.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unsubscribe(self, channels):
         """Stop delivery of ``channels`` (list of str). No notice follows."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def wait(self, timeout):
         """Block until something arrives, ``wakeup`` is called, or ``timeout`` passes.
 
@@ -173,14 +182,14 @@ class Listener:
 
         Return a list (possibly empty) of ``myapp.events.Event``,
         ``Subscribed`` and ``Trimmed`` notices, in the order the broker sent
-        them.
+        them: everything one read from the connection brought.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def wakeup(self):
         """Make a current or the next ``wait`` return promptly. Safe from any greenlet."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def publish_marker(self):
         """Publish an empty marker on this listener's hub channel.
 
@@ -189,8 +198,7 @@ class Listener:
         The hub uses it to tell live connections from dead ones and to move
         idle streams' last event id forward.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self):
         """Close the connection. Safe to call twice."""
-        raise NotImplementedError

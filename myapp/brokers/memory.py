@@ -7,7 +7,7 @@ Everything lives in this process, under one lock:
 - per channel, a deque of ``(event, previous position in the channel)``,
   trimmed to ``history_length`` events and ``history_ttl`` seconds (keeping
   at least the newest) on every publish to that channel;
-- publisher keys (``key=``), remembered for ``history_ttl`` seconds;
+- idempotency keys (``idempotency_key=``), remembered for ``history_ttl`` seconds;
 - the open listeners, each with a queue that ``publish`` fills while holding
   the lock, so every listener sees events in position order.
 
@@ -45,7 +45,8 @@ class MemoryBroker(Broker):
         self._last = max(self._last + 1, position(int(time.time() * 1000)))
         return self._last
 
-    def publish(self, channel, event_type, data, *, key=None):
+    def publish(self, channel, event_type, data, *, idempotency_key=None):
+        key = idempotency_key
         with self._lock:
             now = time.monotonic()
             if key is not None:
@@ -91,11 +92,6 @@ class MemoryBroker(Broker):
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed))
 
-    def listener(self, hub_channel):
-        listener = MemoryListener(self, hub_channel)
-        listener.subscribe([hub_channel])
-        return listener
-
     def close(self):
         with self._lock:
             listeners = list(self._listeners)
@@ -112,6 +108,7 @@ class MemoryListener(Listener):
         self._closed = False
         with broker._lock:
             broker._listeners.add(self)
+        self.subscribe([hub_channel])
 
     def _deliver(self, event):
         if event.channel in self._channels:
@@ -165,3 +162,6 @@ class MemoryListener(Listener):
             self._closed = True
             self._broker._listeners.discard(self)
         self._queue.put(_WAKE)
+
+
+MemoryBroker.listener_class = MemoryListener

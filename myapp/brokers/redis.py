@@ -31,6 +31,7 @@ Sources: redis-py 8 (``PubSub.get_message``, ``BlockingConnectionPool``),
 Redis docs for XADD/XTRIM/XRANGE (exclusive ``(`` ranges need Redis >= 6.2).
 """
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -39,9 +40,9 @@ from myapp.events import Event
 from myapp.exceptions import BrokerConfigurationError, BrokerUnavailable
 from myapp.ids import format_id, parse
 
-from ._resp import ReplyReader
 from ._wakeup import Waker
 from .base import Broker, History, Listener, Subscribed
+from .options import positive_int, seconds, text
 
 __all__ = ["RedisBroker"]
 
@@ -135,21 +136,11 @@ class RedisBroker(Broker):
         **options,
     ):
         super().__init__(**options)
-        for name, value in (
-            ("socket_timeout", socket_timeout),
-            ("connect_timeout", connect_timeout),
-            ("pool_timeout", pool_timeout),
-        ):
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise BrokerConfigurationError(
-                    f"MYAPP_BROKER OPTIONS {name} must be a number of seconds > 0, got {value!r}"
-                )
-        if type(max_connections) is not int or max_connections < 1:
-            raise BrokerConfigurationError(
-                f"MYAPP_BROKER OPTIONS max_connections must be an int >= 1, got {max_connections!r}"
-            )
-        if not isinstance(key_prefix, str):
-            raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS key_prefix must be a str, got {key_prefix!r}")
+        socket_timeout = seconds("socket_timeout", socket_timeout)
+        connect_timeout = seconds("connect_timeout", connect_timeout)
+        pool_timeout = seconds("pool_timeout", pool_timeout)
+        max_connections = positive_int("max_connections", max_connections)
+        key_prefix = text("key_prefix", key_prefix)
         self._connection_kwargs = {
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": connect_timeout,
@@ -185,7 +176,8 @@ class RedisBroker(Broker):
             raise _unavailable(error) from error
         return parse(raw.decode())
 
-    def publish(self, channel, event_type, data, *, key=None):
+    def publish(self, channel, event_type, data, *, idempotency_key=None):
+        key = idempotency_key
         history_key = self.prefix + "h:" + channel
         key_key = self.prefix + "k:" + channel + " " + key if key is not None else history_key
         return self._run_script(
@@ -233,9 +225,6 @@ class RedisBroker(Broker):
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed), epoch)
 
-    def listener(self, hub_channel):
-        return RedisListener(self, hub_channel)
-
     def close(self):
         self._pool.disconnect()
 
@@ -245,9 +234,8 @@ class RedisListener(Listener):
 
     redis-py opens the connection (URL, authentication, database, TLS) and
     packs the commands; the replies, which are all pub/sub replies on this
-    connection, are read with one ``recv`` per wake-up and parsed by
-    ``myapp.brokers._resp`` (per-message ``PubSub.get_message`` costs several
-    times more).
+    connection, are read with one ``recv`` per wake-up and split by hiredis's
+    RESP parser (per-message ``PubSub.get_message`` costs several times more).
     """
 
     def __init__(self, broker, hub_channel):
@@ -255,7 +243,7 @@ class RedisListener(Listener):
         self._hub_channel = hub_channel
         self._channel_prefix = broker.prefix + "c:"
         self._skip = len(self._channel_prefix)
-        self._reader = ReplyReader()
+        self._reader = hiredis.Reader()
         self._waker = Waker()
         # Its own single connection, in RESP2: the hub must see every drop
         # (redis-py would otherwise reconnect and re-subscribe behind its back).
@@ -288,15 +276,18 @@ class RedisListener(Listener):
     def _items(self):
         items = []
         skip = self._skip
+        gets = self._reader.gets
         try:
-            for reply in self._reader.replies():
+            while (reply := gets()) is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise ValueError(str(reply))
                 kind = reply[0]
                 if kind == b"message":
                     raw_id, event_type, data = reply[2].decode().split("\n", 2)
                     items.append(Event(reply[1][skip:].decode(), parse(raw_id), event_type, data))
                 elif kind == b"subscribe":
                     items.append(Subscribed(reply[1][skip:].decode()))
-        except (ValueError, TypeError, IndexError) as error:
+        except (hiredis.ProtocolError, ValueError, TypeError, IndexError) as error:
             raise BrokerUnavailable(f"Redis: unexpected reply on the subscriber connection: {error}") from error
         return items
 
@@ -329,3 +320,6 @@ class RedisListener(Listener):
         except Exception:  # noqa: BLE001 - closing a broken connection must not raise
             pass
         self._waker.close()
+
+
+RedisBroker.listener_class = RedisListener

@@ -7,11 +7,22 @@ MYAPP_PUBLISH_MAX_BODY_BYTES bytes::
     {"channel": "room:lobby", "event_type": "chat.message",
      "data": {"text": "hi"}, "id": "optional-publisher-id", "raw": false}
 
-Answers: 200 ``{"id": "<event id>"}``; 400 with ``{"error": reason}`` for
-malformed JSON, wrong types, unknown fields or invalid names; 401 without a
-bearer token; 403 for a wrong one (or when no token is configured); 405 for
-other methods; 413 for an over-size body or event; 415 for another content
-type; 503 + Retry-After when the broker is down. Never a 500.
+The body comes with ``Content-Length`` or ``Transfer-Encoding: chunked``.
+Either way at most MYAPP_PUBLISH_MAX_BODY_BYTES + 1 bytes are read: a larger
+Content-Length is refused unread, a longer chunked body as soon as that many
+bytes have arrived. A chunked body is read from ``wsgi.input`` (Django reads
+nothing without a Content-Length), which only servers that set
+``wsgi.input_terminated`` (gunicorn, mod_wsgi) de-chunk and end at the body's
+end; elsewhere (Django's runserver) a chunked body gets 411. A request with
+neither header has an empty body (RFC 9112 6.3).
+
+Answers: 200 ``{"id": "<event id>"}``; 400 with ``{"error": reason}`` for an
+empty body, a body that cannot be read (malformed chunks, a disconnect),
+malformed JSON, invalid UTF-8, wrong types, unknown fields or invalid names;
+401 without a bearer token; 403 for a wrong one (or when no token is
+configured); 405 for other methods; 411 for a chunked body the server cannot
+end; 413 for an over-size body or event; 415 for another content type;
+503 + Retry-After when the broker is down. Never a 500.
 """
 
 import hmac
@@ -53,16 +64,44 @@ def _bearer(request):
     return credentials.strip()
 
 
+class _LengthRequired(Exception):
+    """The body is chunked and the server cannot tell where it ends."""
+
+
 def _read_body(request, limit):
-    """Return the body (bytes), or None if it is longer than ``limit`` bytes."""
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > limit:
-        return None
-    body = request.read(limit + 1)
-    return None if len(body) > limit else body
+    """Return the body (bytes), or None if it is longer than ``limit`` bytes.
+
+    Read at most ``limit`` + 1 bytes: from Django's request for a
+    Content-Length body (a larger Content-Length is not read at all), from
+    ``wsgi.input`` for a body sent with Transfer-Encoding, which Django does
+    not read (it is capped by CONTENT_LENGTH, absent here). Raise
+    _LengthRequired for such a body when the server does not end
+    ``wsgi.input`` at the body's end (no ``wsgi.input_terminated``, PEP 3333
+    leaves it to the server): there it would be the raw connection. Let the
+    server's errors for an unreadable body (malformed chunks, a disconnect)
+    propagate.
+    """
+    meta = request.META
+    if meta.get("HTTP_TRANSFER_ENCODING"):
+        if not meta.get("wsgi.input_terminated"):
+            raise _LengthRequired
+        stream = meta["wsgi.input"]
+    else:
+        try:
+            length = int(meta.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > limit:
+            return None
+        stream = request
+    body = bytearray()
+    while len(body) <= limit:
+        # read(n) may return fewer than n bytes before the end (PEP 3333).
+        data = stream.read(limit + 1 - len(body))
+        if not data:
+            break
+        body += data
+    return None if len(body) > limit else bytes(body)
 
 
 @csrf_exempt  # authenticated by a bearer token, not a cookie: CSRF cannot apply
@@ -79,9 +118,17 @@ def publish(request):
     if content_type != "application/json":
         return error(415, "Content-Type must be application/json")
     limit = setting("MYAPP_PUBLISH_MAX_BODY_BYTES")
-    body = _read_body(request, limit)
+    try:
+        body = _read_body(request, limit)
+    except _LengthRequired:
+        return error(411, "this server cannot read a chunked body here: send the body with a Content-Length")
+    except Exception as failure:  # noqa: BLE001 - the server's own errors (gunicorn's are not OSErrors)
+        log.info("publish API: the body could not be read: %s: %s", type(failure).__name__, failure)
+        return error(400, "the body could not be read (malformed chunked encoding or an early end)")
     if body is None:
         return error(413, f"the body is larger than {limit} bytes (MYAPP_PUBLISH_MAX_BODY_BYTES)")
+    if not body:
+        return error(400, "the body is empty: send a JSON object with Content-Length or Transfer-Encoding: chunked")
     try:
         payload = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:

@@ -4,14 +4,20 @@ Answers (each one stops a native EventSource from retrying, except 200):
 
 - 200 ``text/event-stream``: the stream (see ``myapp.stream``);
 - 204: every requested channel has ended for good (WHATWG HTML 9.2.3);
-- 400: a malformed or over-limit ``channel`` parameter;
-- 401: not logged in and no valid subscription token;
+- 400: a malformed or over-limit ``channel`` parameter, or a signed
+  subscription token granting no channel or an invalid name;
+- 401: not logged in and no valid (well-signed, well-formed, unexpired)
+  subscription token;
 - 403: a channel the requester may not read, or a refused Origin;
 - 429 + Retry-After: the user already holds MYAPP_MAX_STREAMS_PER_USER streams here;
 - 503 + Retry-After: the broker (or the database the session needs) is unreachable.
 
 ``?check=1`` answers the same statuses without streaming (200 JSON when a
 stream would open), so a client can tell "retry later" from "stop".
+
+Resume point: the ``Last-Event-ID`` header, else ``?lastEventId=`` (for first
+connections and polyfills); an empty one is absent (a fresh stream, not a
+reset), one over MAX_LAST_EVENT_ID characters is malformed (``stream.reset``).
 """
 
 import logging
@@ -77,7 +83,10 @@ def events(request):
             return unavailable("too many streams for this user", status=429, headers=cors)
         return JsonResponse({"channels": list(grant.channels)}, headers=cors)
 
-    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId")
+    # An empty value (header or query) means none, as for a browser, which sends
+    # the header only when its last event id is non-empty (WHATWG HTML 9.2.3,
+    # reestablishing the connection).
+    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId") or None
     if last_event_id is not None and len(last_event_id) > MAX_LAST_EVENT_ID:
         last_event_id = "malformed"  # parse() refuses it: the stream resets
 
@@ -86,7 +95,7 @@ def events(request):
             get_hub(),
             grant.channels,
             last_event_id,
-            key=grant.key,
+            owner=grant.key,
             retry_ms=setting("MYAPP_RETRY_MILLISECONDS"),
             lifetime=setting("MYAPP_STREAM_LIFETIME_SECONDS"),
         )
@@ -101,14 +110,16 @@ def events(request):
     for connection in connections.all(initialized_only=True):
         connection.close()
         del connections[connection.alias]
-    _bound_blocked_writes(request.META.get("gunicorn.socket"))
+    sock = request.META.get("gunicorn.socket")
+    _bound_blocked_writes(sock)
 
     response = StreamingHttpResponse(stream, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     for name, value in cors.items():
         response[name] = value
-    stream.attach(response, sink=sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES")), request=request)
+    sink = sink_for(request.META, enabled=setting("MYAPP_DIRECT_WRITES"))
+    stream.attach(response, sink=sink, sock=sock, request=request)
     return response
 
 

@@ -19,10 +19,16 @@ Publishing runs one short transaction on Django's connection of the
    it fits and holds no NUL, else only a reference that the listener
    resolves from the history table (``listener.py``).
 
+Reads (``last_position``, ``history``, called by the hub from its own
+greenlet) run on a connection of the broker's own, not Django's: Django's is
+per greenlet and would stay checked out for the greenlet's life.
+
 Failures: a lost or unreachable server (OperationalError, InterfaceError,
 timeouts) raises BrokerUnavailable; a value PostgreSQL refuses (DataError)
 raises InvalidEvent, since retrying it can never succeed.
 """
+
+import threading
 
 import psycopg
 from django.db import DataError, InterfaceError, OperationalError, ProgrammingError, connections, transaction
@@ -40,6 +46,15 @@ __all__ = ["PostgresBroker", "pg_channel", "MAX_NOTIFY_BYTES"]
 APP = "myapp.brokers.postgres"
 
 
+def _raise_if_tables_missing(error):
+    """Raise BrokerConfigurationError naming the fix if psycopg ``error`` is a missing table."""
+    if isinstance(error, psycopg.errors.UndefinedTable):
+        raise BrokerConfigurationError(
+            f"The PostgreSQL broker's tables are missing ({error}): add {APP!r} to INSTALLED_APPS "
+            "and run manage.py migrate"
+        ) from error
+
+
 class PostgresBroker(Broker):
     """PostgreSQL LISTEN/NOTIFY with a history table.
 
@@ -52,6 +67,7 @@ class PostgresBroker(Broker):
     history_length, history_ttl: see ``Broker``.
     """
 
+    listener_class = PostgresListener
     #: The app holding this backend's tables; the system checks (myapp.E009)
     #: ask for it in INSTALLED_APPS.
     required_app = APP
@@ -79,6 +95,8 @@ class PostgresBroker(Broker):
         self.connect_timeout = connect_timeout
         self._timeout_ms = str(int(statement_timeout * 1000))
         self._ttl_positions = int(self.history_ttl * 1000) << SEQ_BITS
+        self._reader = None  # the broker's own connection for reads (see _read)
+        self._reader_lock = threading.Lock()
 
     def _run(self, work):
         """Run ``work(cursor)`` in a transaction on Django's connection; map failures."""
@@ -94,18 +112,15 @@ class PostgresBroker(Broker):
             # Retrying cannot help: it is the event, not the server.
             raise InvalidEvent(f"PostgreSQL cannot store this event: {error}".strip()) from error
         except ProgrammingError as error:
-            if isinstance(error.__cause__, psycopg.errors.UndefinedTable):
-                raise BrokerConfigurationError(
-                    f"The PostgreSQL broker's tables are missing ({error}): add {APP!r} to INSTALLED_APPS "
-                    "and run manage.py migrate"
-                ) from error
+            _raise_if_tables_missing(error.__cause__)
             raise
         except (OperationalError, InterfaceError) as error:
             if not connection.in_atomic_block:
                 connection.close()  # the next call reconnects (e.g. after a server restart)
             raise unavailable(error) from error
 
-    def publish(self, channel, event_type, data, *, key=None):
+    def publish(self, channel, event_type, data, *, idempotency_key=None):
+        key = idempotency_key
         try:
             stored = data.encode("utf-8")
         except UnicodeEncodeError:
@@ -138,21 +153,36 @@ class PostgresBroker(Broker):
 
         return self._run(work)
 
-    def last_position(self):
-        def work(cursor):
-            cursor.execute(sql.LAST_POSITION)
-            row = cursor.fetchone()
-            return row[0] if row else 0
+    def _read(self, query, params):
+        """Run a read-only ``query`` on the broker's own connection and return its rows.
 
-        return self._run(work)
+        The connection opens on first use and again after a failure.
+        """
+        with self._reader_lock:
+            conn = self._reader
+            try:
+                if conn is None or conn.closed:
+                    conn = self._reader = psycopg.connect(**self.connection_params(), autocommit=True)
+                    conn.execute("SELECT set_config('statement_timeout', %s, false)", [self._timeout_ms])
+                return conn.execute(query, params).fetchall()
+            except psycopg.Error as error:
+                _raise_if_tables_missing(error)
+                self._reader = None
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+                    pass
+                raise unavailable(error) from error
+
+    def last_position(self):
+        rows = self._read(sql.LAST_POSITION, None)
+        return rows[0][0] if rows else 0
 
     def history(self, channels, after):
-        def work(cursor):
-            cursor.execute(sql.HISTORY, {"channels": list(set(channels)), "after": after})
-            return cursor.fetchall()
-
         events, seen, trimmed = [], set(), set()
-        for channel, pos, prev, event_type, data in self._run(work):
+        for channel, pos, prev, event_type, data in self._read(
+            sql.HISTORY, {"channels": list(set(channels)), "after": after}
+        ):
             if channel not in seen:
                 seen.add(channel)
                 if prev > after:
@@ -160,13 +190,11 @@ class PostgresBroker(Broker):
             events.append(Event(channel, pos, event_type, decode_data(data), prev))
         return History(events, frozenset(trimmed))
 
-    def listener(self, hub_channel):
-        return PostgresListener(self, hub_channel)
-
-    def release(self):
-        connection = connections[self.database]
-        if not connection.in_atomic_block:
-            connection.close()
+    def close(self):
+        with self._reader_lock:
+            conn, self._reader = self._reader, None
+        if conn is not None:
+            conn.close()
 
     def connection_params(self):
         """Return keyword arguments for ``psycopg.connect`` to the ``database`` alias's server."""

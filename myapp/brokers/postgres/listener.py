@@ -144,7 +144,7 @@ class PostgresListener(Listener):
                     if row is None:
                         # Trimmed before we could read it: a stream on this
                         # channel would have a gap, so the hub closes them.
-                        items.append(Trimmed(channel))
+                        items.append(Trimmed(channel, pos))
                         continue
                     data = decode_data(row[0])
                 items.append(Event(channel, pos, event_type, data))
