@@ -7,14 +7,12 @@ See docs/deployment.md for sizing.
 """
 
 import os
-import resource
-import signal
 
-# psycopg picks its wait function when first imported; if anything imports
-# it before gevent patches `select`, its C wait would block a whole worker.
-# wait_poll looks `select.poll` up at call time, so it is cooperative either
-# way (tests/test_gevent_cooperation.py checks it).
-os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_poll")
+# The push service's worker hooks (post_worker_init: config checks with the
+# real worker count, SIGTERM ends streams at once), PSYCOPG_WAIT_FUNC=wait_poll
+# and the raised file-descriptor limit. Everything below is this project's
+# own choice of gunicorn settings.
+from myapp.gunicorn import *  # noqa: F403
 
 # Address to listen on: "host:port" or "unix:/path". Loopback by default; put a
 # reverse proxy (with buffering off for /events/) in front in production.
@@ -43,7 +41,7 @@ backlog = 4096
 timeout = 30
 
 # Seconds a stopping worker waits for open requests. Streams do not wait for
-# it: on SIGTERM every stream ends at once (see post_worker_init) and the
+# it: on SIGTERM every stream ends at once (myapp.gunicorn) and the
 # browsers resume on another worker, so this only bounds ordinary requests.
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "10"))
 
@@ -61,48 +59,3 @@ control_socket_disable = True
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
-
-# Streams need one file descriptor each: raise the soft limit to the hard one.
-_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-if _soft < _hard:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
-
-
-def post_worker_init(worker):
-    """Check the configuration, then end streams at once on SIGTERM (graceful stop)."""
-    import gevent
-    from django.core import checks
-
-    from myapp import checks as myapp_checks
-
-    # The real worker count (-w, WEB_CONCURRENCY or `workers` above), for the
-    # memory-broker check: the environment alone misses `-w N`.
-    myapp_checks.server_workers = worker.cfg.workers
-    problems = [message for message in checks.run_checks(tags=["myapp"]) if message.is_serious()]
-    for message in problems:
-        worker.log.error("%s", message)
-    if problems:
-        raise SystemExit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter stops instead of looping
-
-    from gunicorn.workers.base_async import ALREADY_HANDLED, AsyncWorker
-
-    from myapp.adoption import adopting
-
-    if isinstance(worker, AsyncWorker):
-        worker.wsgi = adopting(worker.wsgi, ALREADY_HANDLED)
-
-    original = worker.handle_exit
-
-    def handle_exit(sig, frame):
-        original(sig, frame)  # stop accepting; gunicorn then waits for open requests
-
-        def close_streams():
-            from myapp import hub
-
-            hub.shutdown()
-
-        # Not inside the signal handler: it may have interrupted code holding
-        # the hub's lock.
-        gevent.spawn(close_streams)
-
-    signal.signal(signal.SIGTERM, handle_exit)

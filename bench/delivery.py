@@ -118,7 +118,7 @@ def history_cost(stack, broker):
 
     def size():
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_total_relation_size('myapp_broker_event')")
+            cursor.execute("SELECT pg_total_relation_size('myapp_postgres_event')")
             return cursor.fetchone()[0]
 
     before = size()

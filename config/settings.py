@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "django_tasks_db",
     "myapp",
     "worker_tasks",
+    # The demo site itself: its templates, static files and demo_user command.
+    "config",
 ]
 
 MIDDLEWARE = [
@@ -163,7 +165,10 @@ if _backend not in _BROKERS:
 MYAPP_BROKER = _BROKERS[_backend]
 if "MYAPP_HISTORY_LENGTH" in os.environ:  # events kept per channel (the broker's history_length)
     MYAPP_BROKER["OPTIONS"]["history_length"] = int(os.environ["MYAPP_HISTORY_LENGTH"])
-MYAPP_CHANNEL_AUTHORIZER = "myapp.demo.authorize_channel"
+if _backend == "postgres":
+    # The PostgreSQL broker's tables: only a project that uses it migrates them.
+    INSTALLED_APPS.append("myapp.brokers.postgres")
+MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
 for _name, _type in (

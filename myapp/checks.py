@@ -2,6 +2,7 @@
 
 import os
 
+from django.apps import apps
 from django.core import checks
 from django.db import connections
 
@@ -13,7 +14,7 @@ from myapp.exceptions import BrokerConfigurationError
 TAG = "myapp"
 
 #: Worker processes of the gunicorn server this process runs in (int), or None
-#: outside gunicorn. gunicorn.conf.py's post_worker_init sets it from
+#: outside gunicorn. myapp.gunicorn.post_worker_init sets it from
 #: ``worker.cfg.workers`` (the count gunicorn really started: ``-w``/``--workers``,
 #: WEB_CONCURRENCY or the config file's default) before it runs these checks.
 #: When it is None, check_broker reads WEB_CONCURRENCY, and without it assumes
@@ -51,6 +52,16 @@ def check_broker(app_configs=None, **kwargs):
                 id="myapp.E002",
             )
         )
+    app = getattr(broker, "required_app", None)
+    if app is not None and not apps.is_installed(app):
+        errors.append(
+            checks.Error(
+                f"{type(broker).__name__} keeps its history in the tables of the app {app!r}, "
+                "which is not in INSTALLED_APPS.",
+                hint=f'Add "{app}" to INSTALLED_APPS, then run "python manage.py migrate".',
+                id="myapp.E009",
+            )
+        )
     alias = getattr(broker, "database", None)
     if alias is not None:
         if alias not in connections.settings:
@@ -66,7 +77,8 @@ def check_broker(app_configs=None, **kwargs):
                 checks.Error(
                     f"The PostgreSQL broker needs a PostgreSQL database, but DATABASES[{alias!r}] "
                     f"is {connections[alias].vendor}.",
-                    hint="Point DATABASE_URL at PostgreSQL, or use the Redis broker.",
+                    hint=f"Point DATABASES[{alias!r}] at PostgreSQL (django.db.backends.postgresql), "
+                    "or use the Redis broker.",
                     id="myapp.E004",
                 )
             )

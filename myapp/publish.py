@@ -1,4 +1,9 @@
-"""Publishing: ``send_event`` and the name of a user's private channel."""
+"""Publishing: ``send_event``, the name of a user's private channel, and ``CLOSE_EVENT``.
+
+Everything a publisher (a view, a background job, a Celery task) needs comes
+from this module; ``CLOSE_EVENT`` (``"stream.close"``) is re-exported from
+``myapp.events`` so publishers import nothing else.
+"""
 
 import json
 
@@ -7,11 +12,11 @@ from django.db import transaction
 
 from myapp.brokers import get_broker
 from myapp.conf import setting
-from myapp.events import validate_channel, validate_event_type, validate_key, validate_text
+from myapp.events import CLOSE_EVENT, validate_channel, validate_event_type, validate_key, validate_text
 from myapp.exceptions import EventTooLarge, InvalidEvent
 from myapp.ids import format_id
 
-__all__ = ["send_event", "user_channel", "encode_data", "validate_event"]
+__all__ = ["send_event", "user_channel", "encode_data", "validate_event", "CLOSE_EVENT"]
 
 USER_CHANNEL_PREFIX = "user:"
 

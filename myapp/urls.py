@@ -1,13 +1,18 @@
+"""The push service's URLs, namespaced ``myapp``: ``path("", include("myapp.urls"))``.
+
+- ``events/`` (``myapp:events``): the SSE stream;
+- ``api/events/`` (``myapp:publish``): the publish API;
+- ``healthz`` (``myapp:healthz``): this worker's hub, for load balancers.
+"""
+
 from django.urls import path
 
-from .views import api, demo, events, health
+from .views import api, events, health
+
+app_name = "myapp"
 
 urlpatterns = [
     path("events/", events.events, name="events"),
     path("api/events/", api.publish, name="publish"),
     path("healthz", health.healthz, name="healthz"),
-    path("", demo.index, name="index"),
-    path("jobs/", demo.jobs, name="jobs"),
-    path("jobs/<int:job_id>/", demo.job_detail, name="job-detail"),
-    path("jobs/<int:job_id>/watch/", demo.job_page, name="job-page"),
 ]

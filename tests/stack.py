@@ -45,6 +45,8 @@ class LiveStack:
         }
         self.env.update(
             {
+                # The demo's real settings (pytest's tests.settings add the PostgreSQL broker's app).
+                "DJANGO_SETTINGS_MODULE": "config.settings",
                 "MYAPP_VAR_DIR": str(self.directory),
                 "DJANGO_SECRET_KEY": "live-stack-" + uuid.uuid4().hex,
                 "GUNICORN_BIND": f"127.0.0.1:{self.port}",

@@ -267,7 +267,7 @@ def test_barrage_of_hostile_requests_leaves_other_streams_intact(stack):
     for path in [
         "/events/?channel=room%0D%0Aevent:%20evil",
         "/events/?channel=%FF%FE%00",
-        "/events/?channel=room';DROP%20TABLE%20myapp_broker_event;--",
+        "/events/?channel=room';DROP%20TABLE%20myapp_postgres_event;--",
         "/events/?channel=" + "x" * 200,
         "/events/?channel=job:-1",
         "/jobs/99999999999999999999999999/",
@@ -497,5 +497,23 @@ def test_empty_last_event_id_opens_a_fresh_stream(redis_stack, where):
         first = client.messages[0]
         assert (first.type, json.loads(first.data)["resumed"]) == ("stream.open", False)
         assert client.of_type("stream.reset") == []
+    finally:
+        client.close()
+
+
+@pytest.mark.e2e
+def test_data_a_database_cannot_store_is_delivered_on_every_stack(stack):
+    """Raw data with NUL (and its neighbours) is published (200, never 503) and reaches the stream byte-exact."""
+    session = stack.login("alice")
+    channel = f"room:nul-{uuid.uuid4().hex[:6]}"
+    client = SSEClient(session, f"{stack.url}/events/?channel={channel}")
+    try:
+        client.wait_count("stream.open", 1)
+        values = ["a\x00b", "\x00", "\ufeffbom \uffff \U0010ffff", "n\x00" * 40000]
+        for value in values:
+            response = stack.publish(channel, value, event_type="t", raw=True)
+            assert response.status_code == 200, (response.status_code, response.text[:200])
+        client.wait_count("t", len(values), timeout=20)
+        assert [m.data for m in client.messages if m.type == "t"] == values
     finally:
         client.close()

@@ -7,6 +7,7 @@ from django.db import transaction
 
 from myapp.brokers.base import Subscribed
 from myapp.events import Event
+from myapp.exceptions import BrokerUnavailable, InvalidEvent
 from myapp.ids import format_id, milliseconds, parse
 from myapp.publish import send_event
 from myapp.stream import open_stream
@@ -94,6 +95,96 @@ def test_payloads_arrive_intact(broker, collector, data):
     (event,) = collector.wait_events(1)
     assert (event.pos, event.data) == (pos, data)
     assert [e.data for e in broker.history(["room:a"], 0).events] == [data]
+
+
+# Values some backend cannot store as they are (PostgreSQL text refuses NUL; NOTIFY
+# payloads are text too): every backend must deliver them byte-exact, or all refuse.
+STORABLE_ANYWHERE = {
+    "NUL": "a\x00b",
+    "only NUL": "\x00",
+    "NUL at both ends": "\x00middle\x00",
+    "U+FFFF": "non\uffffcharacter",
+    "U+10FFFF": "last \U0010ffff code point",
+    "BOM": "\ufeffat the start and \ufeff inside",
+    "CR LF CRLF": "a\rb\nc\r\nd\r",
+    "NUL and line breaks": "\x00\r\n\x00\n",
+    "NUL over the NOTIFY limit": "\x00" + "x" * 8200,
+    "64 KiB with NUL": "y" * 65536 + "\x00" + "\u00e9" * 1000,
+}
+
+
+@pytest.mark.parametrize("data", STORABLE_ANYWHERE.values(), ids=STORABLE_ANYWHERE.keys())
+def test_raw_data_any_backend_may_not_store_is_delivered_byte_exact(broker, collector, hub_factory, data):
+    """Raw data with NUL, noncharacters, a BOM or bare CRs is published; listener, history, stream carry it exactly."""
+    hub = hub_factory(broker)
+    stream = open_stream(hub, ("room:raw",))
+    frames = iter(stream)
+    next(frames)
+    collector.subscribe("room:raw")
+    event_id = send_event("room:raw", "t", data, raw=True)
+    (event,) = collector.wait_events(1)
+    assert (event.id, event.data) == (event_id, data)
+    assert [e.data for e in broker.history(["room:raw"], 0).events] == [data]
+    expected = Event("room:raw", parse(event_id), "t", data).frame
+    wire = b""
+    while expected not in wire:
+        wire += next(frames)
+    stream.close()
+
+
+@pytest.mark.parametrize(
+    "data", ["\ud800", "tail \udfff", "pair in the wrong order \udc00\ud800"], ids=["lone high", "lone low", "reversed"]
+)
+def test_raw_lone_surrogates_are_refused_alike(broker, data):
+    """Raw data with lone surrogates (not UTF-8-encodable) is InvalidEvent on every backend; nothing is published."""
+    before = broker.last_position()
+    with pytest.raises(InvalidEvent, match="lone surrogate"):
+        send_event("room:a", "t", data, raw=True)
+    assert broker.last_position() == before
+    assert broker.history(["room:a"], 0).events == []
+
+
+def test_json_with_nul_and_lone_surrogates_is_delivered_escaped(broker, collector):
+    """JSON data carrying NUL or lone surrogates goes out as JSON escapes on every backend."""
+    collector.subscribe("room:a")
+    send_event("room:a", "t", {"text": "a\x00b\ud800"})
+    (event,) = collector.wait_events(1)
+    assert event.data == '{"text":"a\\u0000b\\ud800"}'
+    assert json.loads(event.data) == {"text": "a\x00b\ud800"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"channel": "room\x00a"}, "channel may only contain"),
+        ({"event_type": "t\x00"}, "event type must not contain CR, LF or NUL"),
+        ({"id": "key\x00"}, "id must not contain CR, LF or NUL"),
+        ({"event_type": "t\ud800"}, "lone surrogate"),
+        ({"id": "\udfff"}, "lone surrogate"),
+    ],
+    ids=["NUL in channel", "NUL in event type", "NUL in id", "surrogate in event type", "surrogate in id"],
+)
+def test_names_no_backend_can_carry_are_refused_alike(broker, kwargs, message):
+    """NUL or lone surrogates in a channel, event type or id: InvalidEvent on every backend, never BrokerUnavailable."""
+    arguments = {"channel": "room:a", "event_type": "t", "data": "d", **kwargs}
+    before = broker.last_position()
+    with pytest.raises(InvalidEvent, match=message):
+        send_event(arguments.pop("channel"), arguments.pop("event_type"), arguments.pop("data"), **arguments)
+    assert broker.last_position() == before
+
+
+def test_postgres_data_error_is_invalid_event_not_an_outage(postgres_broker):
+    """A value PostgreSQL refuses (a NUL in a channel, bypassing validation) is InvalidEvent; the broker goes on."""
+    with pytest.raises(InvalidEvent, match="PostgreSQL cannot store") as raised:
+        postgres_broker.publish("room\x00a", "t", "data")
+    assert not isinstance(raised.value, BrokerUnavailable)
+    collector = Collector(postgres_broker.listener("!hub:data-error"))
+    try:
+        collector.subscribe("room:a")
+        pos = postgres_broker.publish("room:a", "t", "after")
+        assert [(e.pos, e.data) for e in collector.wait_events(1)] == [(pos, "after")]
+    finally:
+        collector.listener.close()
 
 
 def test_history_after_a_position(broker):
@@ -236,7 +327,7 @@ def test_stream_resumes_each_channel_from_one_id(broker, hub_factory):
 @pytest.mark.parametrize(
     "channel",
     [
-        "room'; DROP TABLE myapp_broker_event; --",
+        "room'; DROP TABLE myapp_postgres_event; --",
         'quoted"identifier',
         "x" * 200,
         "ünïcödé-チャンネル-" * 5,
@@ -261,5 +352,5 @@ def test_postgres_maps_any_channel_name_safely(postgres_broker, channel):
     finally:
         collector.listener.close()
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM myapp_broker_event")
+        cursor.execute("SELECT count(*) FROM myapp_postgres_event")
         assert cursor.fetchone()[0] == 1, "the table is intact"

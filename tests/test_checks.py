@@ -97,6 +97,19 @@ def test_postgres_broker_needs_a_postgres_database(settings, monkeypatch, vendor
     assert [error.id for error in checks.check_broker()] == expected
 
 
+def test_postgres_broker_without_its_app_says_what_to_add(settings, monkeypatch):
+    """The PostgreSQL broker without "myapp.brokers.postgres" installed is myapp.E009, naming the app to add."""
+    settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.postgres.PostgresBroker"}
+    monkeypatch.setattr(checks, "connections", FakeConnections("postgresql"))
+    assert checks.check_broker() == [], "the test settings install the app"
+    monkeypatch.setattr(checks, "apps", type("Apps", (), {"is_installed": staticmethod(lambda name: False)}))
+    (error,) = checks.check_broker()
+    assert error.id == "myapp.E009"
+    assert error.hint == 'Add "myapp.brokers.postgres" to INSTALLED_APPS, then run "python manage.py migrate".'
+    settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.redis.RedisBroker"}
+    assert checks.check_broker() == [], "other brokers need no app"
+
+
 def test_settings_checks(settings):
     """A wildcard CORS origin, a bad authorizer path and a too-long heartbeat are flagged."""
     settings.MYAPP_CORS_ALLOWED_ORIGINS = ["*"]
@@ -113,7 +126,10 @@ def test_settings_checks(settings):
 
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MYAPP_", "DATABASE_URL", "WEB_CONCURRENCY"))}
-    env.update({"MYAPP_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "checks"}, **extra)
+    env.update(
+        {"MYAPP_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "checks", "DJANGO_SETTINGS_MODULE": "config.settings"},
+        **extra,
+    )
     return env
 
 

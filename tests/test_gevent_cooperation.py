@@ -96,7 +96,7 @@ def base_env(tmp_path):
         {},
         {"IMPORT_PSYCOPG_FIRST": "1", "PSYCOPG_WAIT_FUNC": "wait_poll"},
     ],
-    ids=["imported after patching", "imported before patching with wait_poll (gunicorn.conf.py)"],
+    ids=["imported after patching", "imported before patching with wait_poll (myapp.gunicorn)"],
 )
 def test_postgres_broker_cooperates(base_env, postgres_server, variant):
     """The PostgreSQL listener's wait and a 1 s query leave other greenlets running (gaps < 100 ms)."""

@@ -26,7 +26,14 @@ def start_run(tmp_path, *args):
         for key, value in os.environ.items()
         if key not in ("DATABASE_URL", "REDIS_URL", "MYAPP_BROKER_BACKEND", "WEB_CONCURRENCY")
     }
-    env.update({"MYAPP_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "run-test", "WEB_CONCURRENCY": "1"})
+    env.update(
+        {
+            "MYAPP_VAR_DIR": str(tmp_path),
+            "DJANGO_SECRET_KEY": "run-test",
+            "WEB_CONCURRENCY": "1",
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+        }
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "scripts.run", "--port", str(free_port()), *args],
         cwd=BASE,

@@ -21,8 +21,7 @@ from django.core.validators import validate_email
 from django.utils import timezone
 from django_tasks import task
 
-from myapp.events import CLOSE_EVENT
-from myapp.publish import send_event, user_channel
+from myapp.publish import CLOSE_EVENT, send_event, user_channel
 
 from .models import Contact, ImportJob
 

@@ -1,7 +1,7 @@
-"""Tables of the PostgreSQL broker (created on every database, used only by that backend).
+"""The PostgreSQL broker's tables, in the ``myapp_postgres`` app.
 
-The broker reads and writes them with its own SQL (``myapp.brokers.postgres``),
-never through the ORM on the hot path; the models exist for migrations.
+The broker reads and writes them with its own SQL (``sql.py``), never through
+the ORM; the models exist for migrations.
 """
 
 from django.db import models
@@ -14,16 +14,18 @@ class BrokerEvent(models.Model):
     pos = models.BigIntegerField(help_text="broker position: ms << 22 | seq (see myapp.ids)")
     prev = models.BigIntegerField(help_text="the channel's previous position, 0 for the first")
     event_type = models.TextField()
-    data = models.TextField()
+    # bytea, not text: the UTF-8 bytes of the data, which may contain NUL
+    # (PostgreSQL text cannot).
+    data = models.BinaryField(help_text="the event data, UTF-8")
     key = models.TextField(null=True, help_text="publisher-chosen id, for idempotent publishing")
 
     class Meta:
-        db_table = "myapp_broker_event"
-        constraints = [models.UniqueConstraint(fields=["channel", "pos"], name="myapp_broker_event_channel_pos")]
+        db_table = "myapp_postgres_event"
+        constraints = [models.UniqueConstraint(fields=["channel", "pos"], name="myapp_postgres_event_channel_pos")]
         indexes = [
-            models.Index(fields=["pos"], name="myapp_broker_event_pos"),
+            models.Index(fields=["pos"], name="myapp_postgres_event_pos"),
             models.Index(
-                fields=["channel", "key"], name="myapp_broker_event_key", condition=models.Q(key__isnull=False)
+                fields=["channel", "key"], name="myapp_postgres_event_key", condition=models.Q(key__isnull=False)
             ),
         ]
 
@@ -35,4 +37,4 @@ class BrokerState(models.Model):
     pos = models.BigIntegerField()
 
     class Meta:
-        db_table = "myapp_broker_state"
+        db_table = "myapp_postgres_state"

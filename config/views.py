@@ -1,4 +1,4 @@
-"""The demo: a page that starts contact imports and watches them live."""
+"""The demo's pages: start contact imports and watch them live (the push service's first user)."""
 
 from functools import wraps
 
@@ -9,8 +9,6 @@ from django.views.decorators.http import require_GET, require_http_methods
 from myapp.publish import user_channel
 from worker_tasks.models import ImportJob
 from worker_tasks.tasks import import_contacts
-
-from .responses import error
 
 SAMPLE_CSV = "\n".join(
     [
@@ -26,6 +24,11 @@ SAMPLE_CSV = "\n".join(
 )
 #: Characters of CSV one import may send.
 MAX_SOURCE_LENGTH = 65536
+
+
+def error(status, reason):
+    """Return ``{"error": reason}`` as JSON with ``status``."""
+    return JsonResponse({"error": reason}, status=status)
 
 
 def login_required_json(view):
@@ -56,7 +59,7 @@ def index(request):
     jobs = ImportJob.objects.filter(owner=request.user)[:20]
     return render(
         request,
-        "myapp/index.html",
+        "demo/index.html",
         {"jobs": jobs, "channel": user_channel(request.user), "sample_csv": SAMPLE_CSV},
     )
 
@@ -94,4 +97,4 @@ def job_page(request, job_id):
 
         return redirect_to_login(request.get_full_path())
     job = _own_job(request, job_id)
-    return render(request, "myapp/job.html", {"job": job})
+    return render(request, "demo/job.html", {"job": job})
