@@ -7,6 +7,10 @@ Environment:
   connection before its 503 (or BrokerUnavailable); default 5.
 - REDIS_URL: the Redis/Valkey server for the Redis broker; default redis://127.0.0.1:6379/0.
 - MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
+- MYAPP_BROKER_DATABASE_URL: postgres only, a PostgreSQL server of its own for the
+  broker (database alias "broker"); default: the broker uses Django's database.
+- MYAPP_DURABLE_PUBLISH (1 or 0), MYAPP_OUTBOX_RELAY_IN_WORKERS (1 or 0),
+  MYAPP_OUTBOX_POLL_SECONDS: the outbox settings (docs/settings.md).
 - MYAPP_HISTORY_LENGTH: events the broker keeps per channel; default 1000.
 - DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
 - MYAPP_PUBLISH_TOKENS: comma-separated bearer tokens for the publish API.
@@ -51,6 +55,9 @@ INSTALLED_APPS = [
     "django_tasks",
     "django_tasks_db",
     "myapp",
+    # Durable publishing (the outbox table and its relay): the demo job
+    # publishes with send_event(..., durable=True).
+    "myapp.outbox",
     "worker_tasks",
     # The demo site itself: its templates, static files and demo_user command.
     "config",
@@ -88,16 +95,19 @@ TEMPLATES = [
 
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # gunicorn and the task worker write at the same time: WAL lets readers go
-    # on, IMMEDIATE avoids lock upgrades that fail at once.
-    DATABASES["default"]["OPTIONS"] = {
-        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-        "transaction_mode": "IMMEDIATE",
-        "timeout": 20,
-    }
-else:
-    options = DATABASES["default"].setdefault("OPTIONS", {})
+if os.environ.get("MYAPP_BROKER_DATABASE_URL"):
+    DATABASES["broker"] = dj_database_url.parse(os.environ["MYAPP_BROKER_DATABASE_URL"])
+for database in DATABASES.values():
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        # gunicorn and the task worker write at the same time: WAL lets readers go
+        # on, IMMEDIATE avoids lock upgrades that fail at once.
+        database["OPTIONS"] = {
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        }
+        continue
+    options = database.setdefault("OPTIONS", {})
     options.setdefault("connect_timeout", 5)  # seconds
     # A pool per process (psycopg_pool, Django >= 5.1): thousands of streams
     # opening at once share a few connections for their session lookups
@@ -168,6 +178,8 @@ if "MYAPP_HISTORY_LENGTH" in os.environ:  # events kept per channel (the broker'
 if _backend == "postgres":
     # The PostgreSQL broker's tables: only a project that uses it migrates them.
     INSTALLED_APPS.append("myapp.brokers.postgres")
+    if "broker" in DATABASES:  # a server of its own (migrate --database broker)
+        MYAPP_BROKER["OPTIONS"]["database"] = "broker"
 MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
@@ -183,6 +195,11 @@ for _name, _type in (
 ):
     if _name in os.environ:
         globals()[_name] = _type(os.environ[_name])
+# The outbox (durable publishing, docs/outbox.md).
+MYAPP_DURABLE_PUBLISH = os.environ.get("MYAPP_DURABLE_PUBLISH", "0") == "1"
+MYAPP_OUTBOX_RELAY_IN_WORKERS = os.environ.get("MYAPP_OUTBOX_RELAY_IN_WORKERS", "1") == "1"
+if "MYAPP_OUTBOX_POLL_SECONDS" in os.environ:  # seconds
+    MYAPP_OUTBOX_POLL_SECONDS = float(os.environ["MYAPP_OUTBOX_POLL_SECONDS"])
 
 # The demo import job: seconds per imported row.
 IMPORT_STEP_SECONDS = float(os.environ.get("IMPORT_STEP_SECONDS", "0.5"))

@@ -117,3 +117,47 @@ def check_settings(app_configs=None, **kwargs):
             )
         )
     return errors
+
+
+@checks.register(TAG)
+def check_outbox(app_configs=None, **kwargs):
+    """Durable publishing asked for without the outbox app; outbox settings a relay cannot use."""
+    from myapp.outbox import APP
+
+    installed = apps.is_installed(APP)
+    if setting("MYAPP_DURABLE_PUBLISH") and not installed:
+        return [
+            checks.Error(
+                f"MYAPP_DURABLE_PUBLISH = True writes every event to the outbox of the app {APP!r}, "
+                "which is not in INSTALLED_APPS.",
+                hint=f'Add "{APP}" to INSTALLED_APPS, then run "python manage.py migrate".',
+                id="myapp.E010",
+            )
+        ]
+    if not installed:
+        return []
+    from myapp.outbox.sources import SOURCES
+
+    errors = []
+    aliases = setting("MYAPP_OUTBOX_DATABASES")
+    if not isinstance(aliases, (list, tuple)) or not aliases or not all(isinstance(a, str) for a in aliases):
+        errors.append(checks.Error("MYAPP_OUTBOX_DATABASES must be a non-empty list of aliases.", id="myapp.E011"))
+        aliases = []
+    for alias in aliases:
+        if alias not in connections.settings:
+            errors.append(
+                checks.Error(f"MYAPP_OUTBOX_DATABASES names {alias!r}, which is not in DATABASES.", id="myapp.E011")
+            )
+        elif connections[alias].vendor not in SOURCES:
+            errors.append(
+                checks.Error(
+                    f"The outbox relay reads PostgreSQL and SQLite databases; DATABASES[{alias!r}] "
+                    f"is {connections[alias].vendor}.",
+                    hint="Keep the outbox on a PostgreSQL or SQLite alias (MYAPP_OUTBOX_DATABASES).",
+                    id="myapp.E012",
+                )
+            )
+    poll = setting("MYAPP_OUTBOX_POLL_SECONDS")
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll <= 0:
+        errors.append(checks.Error("MYAPP_OUTBOX_POLL_SECONDS must be a number of seconds > 0.", id="myapp.E013"))
+    return errors

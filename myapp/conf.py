@@ -62,6 +62,22 @@ DEFAULTS = {
     "MYAPP_CORS_ALLOWED_ORIGINS": [],
     # Seconds a client is told to wait (Retry-After) on 503 and 429.
     "MYAPP_RETRY_AFTER_SECONDS": 5,
+    # Events one publish API batch (POST /api/events/batch/) may carry.
+    "MYAPP_PUBLISH_MAX_BATCH_EVENTS": 100,
+    # Whether send_event writes to the outbox (the app myapp.outbox) unless
+    # called with durable=False: the event is then committed with the caller's
+    # transaction and a relay publishes it, surviving broker outages.
+    "MYAPP_DURABLE_PUBLISH": False,
+    # Seconds between two looks at the outbox where the database cannot
+    # signal a new row (SQLite), and the standby relays' interval for trying
+    # to become the active one (PostgreSQL, where NOTIFY wakes the active one).
+    "MYAPP_OUTBOX_POLL_SECONDS": 0.5,
+    # Database aliases whose outbox the relays empty; a durable send_event
+    # may only write to one of them (its ``using``).
+    "MYAPP_OUTBOX_DATABASES": ["default"],
+    # Whether each gunicorn worker runs a relay next to its hub (one of them
+    # is active per database); False leaves it to manage.py push_relay.
+    "MYAPP_OUTBOX_RELAY_IN_WORKERS": True,
 }
 
 

@@ -56,6 +56,10 @@ def post_worker_init(worker):
     connection once its response has started (``myapp.adoption``): an idle
     stream then holds no greenlet, request or response.
 
+    With the app ``myapp.outbox`` installed (and MYAPP_OUTBOX_RELAY_IN_WORKERS
+    on), the worker also runs the outbox relay in a greenlet of its own
+    (``myapp.outbox.runner``); one worker's relay is active per database.
+
     On SIGTERM (a deploy, ``kill -TERM``) the worker stops accepting as usual
     and every stream ends at once between two frames, with a jittered
     ``retry``, so browsers resume on another worker instead of waiting for
@@ -66,9 +70,8 @@ def post_worker_init(worker):
     from gunicorn.workers.base_async import ALREADY_HANDLED
     from gunicorn.workers.ggevent import GeventWorker
 
-    from myapp.adoption import adopting
-
     from myapp import checks as myapp_checks
+    from myapp.adoption import adopting
 
     if not isinstance(worker, GeventWorker):
         worker.log.error(
@@ -83,6 +86,9 @@ def post_worker_init(worker):
     if problems:
         raise SystemExit(3)
     worker.wsgi = adopting(worker.wsgi, ALREADY_HANDLED)
+    from myapp.outbox import runner as outbox
+
+    outbox.start_in_worker()  # the outbox relay, when the app myapp.outbox is installed
 
     original = worker.handle_exit
 

@@ -7,9 +7,12 @@ from this module; ``CLOSE_EVENT`` (``"stream.close"``) is re-exported from
 
 import json
 
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 
+from myapp import outbox
 from myapp.brokers import get_broker
 from myapp.conf import setting
 from myapp.events import CLOSE_EVENT, validate_channel, validate_event_type, validate_key, validate_text
@@ -78,7 +81,7 @@ def validate_event(channel, event_type, text, key=None):
             raise EventTooLarge(f"data is {size} bytes; the limit (MYAPP_MAX_EVENT_BYTES) is {limit}")
 
 
-def send_event(channel, event_type, data, *, id=None, raw=False, using=None):
+def send_event(channel, event_type, data, *, id=None, raw=False, using=None, durable=None):
     """Publish an event to every stream subscribed to ``channel``.
 
     channel: the channel name (str): 1 to MYAPP_MAX_CHANNEL_LENGTH characters
@@ -97,21 +100,51 @@ def send_event(channel, event_type, data, *, id=None, raw=False, using=None):
         broker-assigned id (the resume cursor for Last-Event-ID).
     raw: send ``data`` (a str) as it is instead of JSON-encoding it.
     using: the database alias whose transaction the publish follows (default
-        Django's default database).
+        Django's default database); with durable publishing, the database
+        whose outbox gets the event.
+    durable: True writes the event to the outbox (the app ``myapp.outbox``)
+        instead of publishing it: see below. None (the default) follows the
+        MYAPP_DURABLE_PUBLISH setting; False always publishes directly.
 
-    Inside ``transaction.atomic()`` the event is published after COMMIT (with
-    ``transaction.on_commit``) and never on rollback, with every backend; a
-    publishing error then propagates out of the outermost atomic block, after
-    the data was committed. Outside a transaction it is published at once.
+    Directly: inside ``transaction.atomic()`` the event is published after
+    COMMIT (with ``transaction.on_commit``) and never on rollback, with every
+    backend; a publishing error then propagates out of the outermost atomic
+    block, after the data was committed, and a process that dies between
+    COMMIT and the callback loses the event. Outside a transaction it is
+    published at once.
 
-    Return the event's id (``"<ms>-<seq>"``), or None when it waits for COMMIT.
+    Durably: the event is inserted into the outbox table of ``using``, inside
+    the caller's transaction when there is one (committed before returning
+    otherwise), and a relay publishes it to the broker, in order, once
+    (docs/outbox.md). A broker outage or a crash after COMMIT delays it and
+    never loses it; a rollback drops it with the caller's other writes.
+
+    Return the event's id (``"<ms>-<seq>"``), or None when it waits for
+    COMMIT or goes through the outbox.
 
     Raise InvalidEvent (a ValueError) or EventTooLarge for bad input, and
     ``myapp.exceptions.BrokerUnavailable`` when the broker cannot take the
-    event within its timeouts; in both cases nothing was published.
+    event within its timeouts; in both cases nothing was published. Durably,
+    the broker is never called: a database that cannot take the row raises
+    Django's DatabaseError (e.g. OperationalError), as the caller's own
+    writes would, and ImproperlyConfigured says what to add when the app
+    ``myapp.outbox`` is not installed or ``using`` is not in
+    MYAPP_OUTBOX_DATABASES.
     """
     text = encode_data(data, raw=raw)
     validate_event(channel, event_type, text, id)
+    if durable is None:
+        durable = setting("MYAPP_DURABLE_PUBLISH")
+    if durable:
+        if not apps.is_installed(outbox.APP):
+            raise ImproperlyConfigured(
+                f"send_event(durable=True) writes to the outbox of the app {outbox.APP!r}, which is not in "
+                f'INSTALLED_APPS: add "{outbox.APP}" and run manage.py migrate'
+            )
+        from myapp.outbox.store import enqueue
+
+        enqueue(channel, event_type, text, key=id, using=using)
+        return None
     broker = get_broker()
 
     def publish():
