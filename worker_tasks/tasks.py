@@ -8,6 +8,12 @@ has time to move. Events, on the owner's channel and on the job's channel:
 - ``job.failed``: ``{"job": id, "error": "row 3: ..."}``
 
 then ``stream.close`` on the job's channel, which ends pages watching only it.
+
+Every event is published durably (``durable=True``, through the outbox of
+the app ``myapp.outbox``), in the same transaction as the job's state it
+reports: the job is FINISHED exactly when its ``job.finished`` is queued. A
+broker outage while the job runs delays the events until the relay can
+publish them; it never loses them and never fails the task.
 """
 
 import csv
@@ -18,6 +24,7 @@ import time
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
+from django.db import transaction
 from django.utils import timezone
 from django_tasks import task
 
@@ -53,8 +60,8 @@ def parse_rows(source):
 
 
 def _publish(job, event_type, data):
-    send_event(user_channel(job.owner_id), event_type, data)
-    send_event(job.channel, event_type, data)
+    send_event(user_channel(job.owner_id), event_type, data, durable=True)
+    send_event(job.channel, event_type, data, durable=True)
 
 
 @task()
@@ -81,21 +88,25 @@ def import_contacts(job_id):
             else:
                 job.skipped += 1
             job.percent = done * 100 // len(rows)
-            job.save(update_fields=["imported", "skipped", "percent"])
-            _publish(job, "job.progress", {"job": job.pk, "percent": job.percent, "done": done, "total": len(rows)})
+            progress = {"job": job.pk, "percent": job.percent, "done": done, "total": len(rows)}
+            with transaction.atomic():
+                job.save(update_fields=["imported", "skipped", "percent"])
+                _publish(job, "job.progress", progress)
     except Exception as failure:
         job.status = ImportJob.Status.FAILED
         job.error = str(failure)
         job.finished = timezone.now()
-        job.save(update_fields=["status", "error", "finished"])
+        with transaction.atomic():
+            job.save(update_fields=["status", "error", "finished"])
+            _publish(job, "job.failed", {"job": job.pk, "error": job.error})
+            send_event(job.channel, CLOSE_EVENT, {"job": job.pk}, durable=True)
         log.info("import job %s failed: %s", job.pk, failure)
-        _publish(job, "job.failed", {"job": job.pk, "error": job.error})
-        send_event(job.channel, CLOSE_EVENT, {"job": job.pk})
         raise
     job.status = ImportJob.Status.FINISHED
     job.finished = timezone.now()
-    job.save(update_fields=["status", "finished"])
     result = {"imported": job.imported, "skipped": job.skipped}
-    _publish(job, "job.finished", {"job": job.pk, "result": result})
-    send_event(job.channel, CLOSE_EVENT, {"job": job.pk})
+    with transaction.atomic():
+        job.save(update_fields=["status", "finished"])
+        _publish(job, "job.finished", {"job": job.pk, "result": result})
+        send_event(job.channel, CLOSE_EVENT, {"job": job.pk}, durable=True)
     return result
