@@ -2,6 +2,7 @@
 
 - ``events/`` (``myapp:events``): the SSE stream;
 - ``api/events/`` (``myapp:publish``): the publish API;
+- ``api/events/batch/`` (``myapp:publish-batch``): the publish API for a list of events;
 - ``healthz`` (``myapp:healthz``): this worker's hub, for load balancers.
 """
 
@@ -14,5 +15,6 @@ app_name = "myapp"
 urlpatterns = [
     path("events/", events.events, name="events"),
     path("api/events/", api.publish, name="publish"),
+    path("api/events/batch/", api.publish_batch, name="publish-batch"),
     path("healthz", health.healthz, name="healthz"),
 ]

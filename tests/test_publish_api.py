@@ -266,3 +266,184 @@ def test_fuzzed_bodies_never_500_and_published_events_are_intact(body):
         assert (event.event_type, event.data) == (body["event_type"], expected)
     else:
         assert get_broker().last_position() == before
+
+
+# -- POST /api/events/batch/ ------------------------------------------------------
+
+BATCH_URL = "/api/events/batch/"
+
+
+def post_batch(body, token=TOKEN, content_type="application/json"):
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token is not None else {}
+    if not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    return Client().post(BATCH_URL, data=body, content_type=content_type, CONTENT_TYPE=content_type, **headers)
+
+
+def note(channel, n, **fields):
+    return {"channel": channel, "event_type": "note", "data": {"n": n}, **fields}
+
+
+def test_batch_publishes_every_event_in_order():
+    """A valid batch: 200 with one id per event, in order; every event stored in that order."""
+    events = [note("room:a", 0), note("room:b", 1), note("room:a", 2, id="pub-2"), note("room:a", 3)]
+    response = post_batch({"events": events})
+    assert response.status_code == 200, response.content
+    ids = [parse(event_id) for event_id in response.json()["ids"]]
+    assert len(ids) == 4 and ids == sorted(ids) and ids[-1] == get_broker().last_position()
+    assert stored("room:a") == [("note", '{"n":0}'), ("note", '{"n":2}'), ("note", '{"n":3}')]
+    assert stored("room:b") == [("note", '{"n":1}')]
+
+
+def test_batch_with_invalid_events_publishes_nothing_and_says_which(settings):
+    """Mixed valid and invalid events: 400 listing each invalid one (index, status, reason); nothing published."""
+    settings.MYAPP_MAX_EVENT_BYTES = 100
+    events = [
+        note("room:a", 0),
+        note("bad channel", 1),
+        {"channel": "room:a", "event_type": "t\ndata: x", "data": 1},
+        note("room:a", 3),
+        "not an object",
+        {"channel": "room:a", "event_type": "t", "data": "x" * 200},
+        {"channel": "room:a", "event_type": "t"},
+    ]
+    response = post_batch({"events": events})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == "5 of 7 events are invalid; nothing was published"
+    assert [(e["index"], e["status"]) for e in body["errors"]] == [(1, 400), (2, 400), (4, 400), (5, 413), (6, 400)]
+    reasons = [e["error"] for e in body["errors"]]
+    assert "channel may only" in reasons[0] and "CR, LF or NUL" in reasons[1]
+    assert "must be a JSON object" in reasons[2] and "MYAPP_MAX_EVENT_BYTES" in reasons[3]
+    assert reasons[4] == "missing field: data"
+    assert get_broker().last_position() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ({}, 400, "at least one event"),
+        ({"events": []}, 400, "at least one event"),
+        ({"events": {"channel": "room:a"}}, 400, "at least one event"),
+        ([note("room:a", 0)], 400, "must be a JSON object"),
+        ({"events": [note("room:a", 0)], "atomic": True}, 400, "unknown fields: atomic"),
+        ({"events": [note("room:a", n) for n in range(101)]}, 413, "MYAPP_PUBLISH_MAX_BATCH_EVENTS"),
+        (b"{nope", 400, "not valid JSON"),
+        (b"", 400, "the body is empty"),
+    ],
+    ids=["no events", "empty list", "not a list", "a bare list", "unknown field", "too many", "not JSON", "empty"],
+)
+def test_bad_batch_bodies_get_their_4xx(body, status, reason):
+    """A batch body of the wrong shape: its 4xx with a reason; nothing published."""
+    response = post_batch(body)
+    assert response.status_code == status
+    assert reason in response.json()["error"]
+    assert get_broker().last_position() == 0
+
+
+def test_batch_has_the_same_body_limit_and_auth(settings):
+    """The batch endpoint shares the single one's body limit, tokens and content type."""
+    settings.MYAPP_PUBLISH_MAX_BODY_BYTES = 1000
+    events = {"events": [note("room:a", n) for n in range(50)]}
+    assert post_batch(events).status_code == 413
+    assert post_batch({"events": [note("room:a", 0)]}, token=None).status_code == 401
+    assert post_batch({"events": [note("room:a", 0)]}, token="wrong-token").status_code == 403
+    assert post_batch("x", content_type="text/plain").status_code == 415
+    assert Client().get(BATCH_URL, HTTP_AUTHORIZATION=f"Bearer {TOKEN}").status_code == 405
+    assert get_broker().last_position() == 0
+
+
+def test_batch_repeats_of_one_publisher_id_deliver_once():
+    """Within a batch, as across requests, a repeated publisher id returns the first event's id."""
+    response = post_batch({"events": [note("room:a", 0, id="same"), note("room:a", 1, id="same")]})
+    first, again = response.json()["ids"]
+    assert first == again and stored("room:a") == [("note", '{"n":0}')]
+
+
+def test_broker_failing_midway_answers_503_with_what_was_published(monkeypatch):
+    """The broker fails at the third event: 503 + Retry-After, the ids of the first two, which alone were published."""
+    from myapp.exceptions import BrokerUnavailable
+
+    broker = get_broker()
+    real = broker.publish
+    calls = []
+
+    def publish(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise BrokerUnavailable("down now")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "publish", publish)
+    response = post_batch({"events": [note("room:a", n) for n in range(5)]})
+    assert response.status_code == 503 and response["Retry-After"] == "5"
+    body = response.json()
+    assert len(body["ids"]) == 2 and "the first 2 of 5 events were published" in body["error"]
+    assert stored("room:a") == [("note", '{"n":0}'), ("note", '{"n":1}')]
+    assert [parse(event_id) for event_id in body["ids"]] == [e.pos for e in broker.history(["room:a"], 0).events]
+
+
+@pytest.mark.django_db
+def test_durable_batch_is_queued_in_one_transaction(settings):
+    """With MYAPP_DURABLE_PUBLISH, a batch goes to the outbox whole: 202 with the count, nothing published yet."""
+    from myapp.outbox.models import OutboxEvent
+
+    settings.MYAPP_DURABLE_PUBLISH = True
+    response = post_batch({"events": [note("room:a", n) for n in range(3)]})
+    assert (response.status_code, response.json()) == (202, {"queued": 3})
+    assert [bytes(row.data) for row in OutboxEvent.objects.order_by("id")] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    assert get_broker().last_position() == 0, "the relay publishes them, not the request"
+    assert post_batch({"events": [note("room:b", 0), note("bad channel", 1)]}).status_code == 400
+    assert OutboxEvent.objects.count() == 3, "an invalid batch queues nothing"
+
+
+@pytest.mark.django_db
+def test_durable_batch_is_all_or_nothing_when_the_database_fails(settings, monkeypatch):
+    """The database failing at the third row: 503, and the first two rows are rolled back with it."""
+    from django.db import OperationalError
+
+    from myapp.outbox import store
+    from myapp.outbox.models import OutboxEvent
+
+    settings.MYAPP_DURABLE_PUBLISH = True
+    real = store.enqueue
+    calls = []
+
+    def enqueue(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OperationalError("the server closed the connection")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "enqueue", enqueue)
+    response = post_batch({"events": [note("room:a", n) for n in range(5)]})
+    assert response.status_code == 503 and response["Retry-After"] == "5"
+    assert len(calls) == 3 and not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_durable_single_publish_answers_202(settings):
+    """With MYAPP_DURABLE_PUBLISH, the single endpoint answers 202 {"queued": 1}."""
+    settings.MYAPP_DURABLE_PUBLISH = True
+    response = post({"channel": "room:a", "event_type": "t", "data": 1})
+    assert (response.status_code, response.json()) == (202, {"queued": 1})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(fields, min_size=1, max_size=5))
+def test_fuzzed_batches_publish_all_or_nothing(events):
+    """Any batch of fuzzed events: 200 with every event stored in order, or a 4xx with nothing stored."""
+    before = get_broker().last_position()
+    response = post_batch({"events": events})
+    assert response.status_code in (200, 400, 413), response.content
+    if response.status_code != 200:
+        assert get_broker().last_position() == before
+        return
+    assert len(response.json()["ids"]) == len(events)
+    for event, event_id in zip(events, response.json()["ids"], strict=True):
+        if parse(event_id) <= before:  # a repeat of an id published by an earlier example
+            continue
+        (stored_event,) = [
+            e for e in get_broker().history([event["channel"]], before).events if e.pos == parse(event_id)
+        ]
+        assert stored_event.event_type == event["event_type"]
