@@ -69,6 +69,7 @@ class Relay:
         self.backoff = backoff
         self.published = 0  # rows published and deleted by this relay
         self.active = False
+        self._role = None  # the role last logged: True active, False standing by
         self._stop = threading.Event()
         self._broker_down = False
         self._outages = {}  # "broker" | "database" -> time.monotonic() when it began
@@ -111,14 +112,14 @@ class Relay:
             self.get_broker().last_position()  # raises BrokerUnavailable while it is still down
             self._broker_down = False
             self._up("broker")
-        active = self.source.acquire()
+        self.active = active = self.source.acquire()
         self._up("database")
-        if active != self.active:
-            self.active = active
+        if active != self._role:
+            self._role = active
             if active:
                 log.info("outbox relay (%s): active", self.source.alias)
             else:
-                log.info("outbox relay (%s): standing by (another relay is active)", self.source.alias)
+                log.info("outbox relay (%s): standing by, another relay is the active one", self.source.alias)
         if active:
             self._drain()
         self.source.wait(self.poll_seconds)
@@ -179,6 +180,7 @@ class Relay:
             log.debug("outbox relay (%s): %s still unavailable (%s)", self.source.alias, kind, error)
         if kind == "database":
             self.active = False
+            self._role = None  # say again which one it is once reconnected
             self.source.disconnect()
 
     def _up(self, kind):
