@@ -30,7 +30,8 @@ class LiveStack:
     """gunicorn with gevent workers and the task worker, on a free port.
 
     mode: "redis" (Redis broker + SQLite) or "postgres" (PostgreSQL for
-    everything, in a database of its own on ``postgres``).
+    everything, in a database of its own on ``postgres``; with
+    ``MYAPP_BROKER_DATABASE_URL`` in ``env`` the broker uses that server instead).
     """
 
     def __init__(self, directory, *, mode, redis_url=None, postgres=None, workers=2, heartbeat=1.0, env=None):
@@ -92,8 +93,14 @@ class LiveStack:
             timeout=120,
         )
 
-    def __enter__(self):
+    def migrate(self):
+        """Create the tables: Django's database, and the broker's own server when it has one."""
         self.manage("migrate", "--noinput", "-v", "0")
+        if self.env.get("MYAPP_BROKER_DATABASE_URL"):
+            self.manage("migrate", "--noinput", "-v", "0", "--database", "broker")
+
+    def __enter__(self):
+        self.migrate()
         for user in USERS:
             self.manage("demo_user", "--username", user, "--password", PASSWORD)
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in __exit__
