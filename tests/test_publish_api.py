@@ -447,3 +447,39 @@ def test_fuzzed_batches_publish_all_or_nothing(events):
             e for e in get_broker().history([event["channel"]], before).events if e.pos == parse(event_id)
         ]
         assert stored_event.event_type == event["event_type"]
+
+
+# -- batches on the real stack ----------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_batch_on_the_real_stack_delivers_in_order_or_not_at_all(stack):
+    """gunicorn: a valid batch reaches the stream in order; a batch with one invalid event delivers none of it."""
+    import requests
+
+    from tests.sse_client import SSEClient
+    from tests.stack import PUBLISH_TOKEN
+
+    def batch(events):
+        return requests.post(
+            stack.url + "/api/events/batch/",
+            json={"events": events},
+            headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            timeout=10,
+        )
+
+    session = stack.login("alice")
+    client = SSEClient(session, stack.url + "/events/?channel=room:batch-a&channel=room:batch-b")
+    try:
+        client.wait_count("stream.open", 1)
+        refused = batch([note("room:batch-a", "x1"), note("room:batch-a", "x2", id="a\nb"), note("room:batch-b", "x3")])
+        assert refused.status_code == 400
+        assert [(e["index"], e["status"]) for e in refused.json()["errors"]] == [(1, 400)]
+        accepted = batch([note(f"room:batch-{'ab'[n % 2]}", n) for n in range(20)])
+        assert accepted.status_code == 200, accepted.text
+        client.wait_count("note", 20)
+        received = [(m.last_event_id, json.loads(m.data)["n"]) for m in client.messages if m.type == "note"]
+        assert [n for _, n in received] == list(range(20)), "in order, and nothing of the refused batch"
+        assert [event_id for event_id, _ in received] == accepted.json()["ids"]
+    finally:
+        client.close()
