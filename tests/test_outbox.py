@@ -19,7 +19,7 @@ from myapp.brokers import get_broker
 from myapp.exceptions import BrokerUnavailable, InvalidEvent
 from myapp.outbox.models import OutboxEvent
 from myapp.outbox.relay import Relay
-from myapp.outbox.sources import LOCK_KEY, PostgresSource, SourceUnavailable, SQLiteSource
+from myapp.outbox.sources import PostgresSource, SourceUnavailable, SQLiteSource
 from myapp.publish import send_event
 from tests.conftest import wait_until
 
@@ -157,6 +157,16 @@ def test_a_durable_publish_notifies_at_commit():
             send_event("room:a", "note", 3, durable=True)
             raise RuntimeError
         assert list(listener.notifies(timeout=0.3)) == []
+
+
+def test_send_event_command_queues_durably(memory_broker, capsys):
+    """manage.py send_event --durable writes to the outbox and prints "queued"."""
+    from django.core.management import call_command
+
+    call_command("send_event", "room:ops", "maintenance", '{"at": "22:00"}', "--durable")
+    assert capsys.readouterr().out.strip() == "queued"
+    assert bytes(OutboxEvent.objects.get(channel="room:ops").data) == b'{"at":"22:00"}'
+    assert history("room:ops") == []
 
 
 # -- the relay on PostgreSQL -------------------------------------------------------
@@ -307,7 +317,7 @@ def test_relay_reconnects_after_losing_its_connection(memory_broker, relays, cap
             cursor.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
                 "AND classid = %s AND objid = %s",
-                [LOCK_KEY >> 32, LOCK_KEY & 0xFFFFFFFF],
+                [1836674933, 1952608120],  # as docs/outbox.md gives them
             )
             assert cursor.fetchone() == (True,), "the lock is visible in pg_locks under the documented key"
         send_event("room:a", "note", "after", durable=True)

@@ -49,7 +49,7 @@ __all__ = ["Row", "SourceUnavailable", "Busy", "PostgresSource", "SQLiteSource",
 
 #: The PostgreSQL advisory lock (one bigint key, per database) that makes a
 #: relay the active one: the bytes "myoutbox". pg_locks shows it as
-#: classid 1836677493 ("myou"), objid 1952607608 ("tbox").
+#: classid 1836674933 ("myou"), objid 1952608120 ("tbox").
 LOCK_KEY = int.from_bytes(b"myoutbox", "big")
 
 #: Seconds a relay's PostgreSQL statement may run (none should take long).
