@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from myapp.brokers import get_broker
+from myapp.exceptions import InvalidEvent
 from myapp.ids import parse
 from myapp.views.api import publish
 
@@ -381,6 +382,26 @@ def test_broker_failing_midway_answers_503_with_what_was_published(monkeypatch):
     assert len(body["ids"]) == 2 and "the first 2 of 5 events were published" in body["error"]
     assert stored("room:a") == [("note", '{"n":0}'), ("note", '{"n":1}')]
     assert [parse(event_id) for event_id in body["ids"]] == [e.pos for e in broker.history(["room:a"], 0).events]
+
+
+def test_event_the_broker_refuses_midway_answers_400_with_what_was_published(monkeypatch):
+    """A valid event the broker refuses (InvalidEvent from the backend): 400 naming it, the ids before it."""
+    broker = get_broker()
+    real = broker.publish
+
+    def publish(channel, event_type, data, **kwargs):
+        if data == '{"n":1}':
+            raise InvalidEvent("this broker cannot store it")
+        return real(channel, event_type, data, **kwargs)
+
+    monkeypatch.setattr(broker, "publish", publish)
+    response = post_batch({"events": [note("room:a", n) for n in range(3)]})
+    assert response.status_code == 400
+    body = response.json()
+    assert len(body["ids"]) == 1 and body["errors"] == [
+        {"index": 1, "status": 400, "error": "this broker cannot store it"}
+    ]
+    assert stored("room:a") == [("note", '{"n":0}')]
 
 
 @pytest.mark.django_db

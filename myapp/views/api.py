@@ -45,7 +45,10 @@ MYAPP_PUBLISH_MAX_BATCH_EVENTS events, or none, is refused the same way
   broker fails midway the answer is 503 + Retry-After with ``{"error": ...,
   "ids": [...]}``: exactly the first ``len(ids)`` events were published (in
   order), the rest were not. Retry the rest; give each event an ``id`` and
-  retrying the whole batch is safe too (repeats deliver nothing).
+  retrying the whole batch is safe too (repeats deliver nothing). The same
+  holds for an event the broker itself refuses although it passed validation
+  (the PostgreSQL broker and a value it cannot store, rare): 400 with its
+  ``errors`` entry and the ``ids`` published before it.
 - with MYAPP_DURABLE_PUBLISH (the app ``myapp.outbox``): all events go to the
   outbox in one transaction, so the batch is all or nothing: 202
   ``{"queued": n}`` once committed (the relay publishes them in order), or
@@ -299,4 +302,21 @@ def publish_batch(request):
             )
             response["Retry-After"] = str(setting("MYAPP_RETRY_AFTER_SECONDS"))
             return response
+        except InvalidEvent as failure:  # valid here, but this broker cannot store it (rare)
+            index = len(ids)
+            return JsonResponse(
+                {
+                    "error": f"the broker refused event {index}; the first {index} of {len(events)} events "
+                    "were published",
+                    "errors": [
+                        {
+                            "index": index,
+                            "status": 413 if isinstance(failure, EventTooLarge) else 400,
+                            "error": str(failure),
+                        }
+                    ],
+                    "ids": ids,
+                },
+                status=400,
+            )
     return JsonResponse({"ids": ids})
