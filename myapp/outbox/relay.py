@@ -35,7 +35,7 @@ from django.db import connections
 
 from myapp.exceptions import BrokerUnavailable, InvalidEvent
 
-from .sources import Busy, SourceUnavailable
+from .sources import BUSY_RETRY_SECONDS, Busy, SourceUnavailable
 
 __all__ = ["Relay", "BATCH_SIZE"]
 
@@ -43,9 +43,6 @@ log = logging.getLogger("myapp.outbox")
 
 #: Rows one batch (one transaction) claims, publishes and deletes.
 BATCH_SIZE = 100
-
-#: Seconds (range) a SQLite relay waits before trying a taken write lock again.
-_BUSY_RETRY_SECONDS = (0.01, 0.05)
 
 
 class Relay:
@@ -91,7 +88,7 @@ class Relay:
                     self._step()
                     delay = self.backoff[0]
                 except Busy:
-                    self._stop.wait(random.uniform(*_BUSY_RETRY_SECONDS))
+                    self._stop.wait(random.uniform(*BUSY_RETRY_SECONDS))
                 except (BrokerUnavailable, SourceUnavailable) as error:
                     self._down("broker" if isinstance(error, BrokerUnavailable) else "database", error)
                     self._stop.wait(delay * random.uniform(0.5, 1.0))

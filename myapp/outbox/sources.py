@@ -13,14 +13,20 @@ that holds a lock and listens). ``source_for(alias)`` picks the vendor's:
   COMMIT. Each batch is ``SELECT ... ORDER BY id LIMIT n FOR UPDATE SKIP
   LOCKED`` in a transaction that deletes what was published, so even a
   relay that ignored the lock could not publish a row another one holds.
-- SQLite (``SQLiteSource``): there is no lock to wait on and no NOTIFY.
-  Every relay is active; each batch runs under ``BEGIN IMMEDIATE``, which
-  takes the database's single write lock for the whole batch (claim,
-  publish, delete, COMMIT), so two relays' batches never overlap and rows
-  leave in ``id`` order. The connection never waits for the lock
-  (``timeout=0``): a relay that finds it taken tries again shortly, so
-  under gevent it never blocks its worker in SQLite's busy handler. New
-  rows are noticed by a lock-free read every ``MYAPP_OUTBOX_POLL_SECONDS``.
+- SQLite (``SQLiteSource``): no advisory locks, no SKIP LOCKED, no NOTIFY.
+  The active relay is the one holding a non-blocking ``flock`` on a file next
+  to the database (``<NAME>.myapp-outbox-relay.lock``; the kernel releases
+  it when the process ends, also on SIGKILL); the others stand by as on
+  PostgreSQL. It reads the oldest rows without a lock (a plain read, never
+  blocked in WAL mode), publishes them, and deletes them in a ``BEGIN
+  IMMEDIATE`` transaction of their own. SQLite's single write lock is never
+  held across the broker call: in a gevent worker, a greenlet that held it
+  while publishing (a yield) would let another greenlet of the same process
+  wait for it in SQLite's busy handler, which sleeps in C and blocks the
+  whole worker, relay included, for the busy timeout. The relay's
+  connection itself never waits for the lock (``timeout=0``): a taken lock
+  is tried again shortly. New rows are noticed by a read every
+  ``MYAPP_OUTBOX_POLL_SECONDS``.
 
 Failures: a database that cannot be reached raises ``SourceUnavailable`` (the
 relay closes the connection and reconnects with backoff); SQLite's lock held
@@ -31,9 +37,13 @@ when the session ends), "SELECT: The Locking Clause" (SKIP LOCKED), "NOTIFY";
 SQLite docs "Transaction" (BEGIN IMMEDIATE), "Write-Ahead Logging".
 """
 
+import fcntl
 import os
+import random
 import sqlite3
 import threading
+import time
+import urllib.parse
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -54,6 +64,14 @@ LOCK_KEY = int.from_bytes(b"myoutbox", "big")
 
 #: Seconds a relay's PostgreSQL statement may run (none should take long).
 STATEMENT_TIMEOUT_SECONDS = 10
+
+#: SQLite: appended to the database file's path to name the file whose flock
+#: makes a relay the active one (the kernel releases it when the process ends).
+LOCK_FILE_SUFFIX = ".myapp-outbox-relay.lock"
+#: SQLite: seconds (range) between two tries of a write lock another connection holds.
+BUSY_RETRY_SECONDS = (0.01, 0.05)
+#: SQLite: seconds a relay keeps trying to take the write lock for a delete.
+DELETE_RETRY_SECONDS = 1.0
 
 _TABLE = OutboxEvent._meta.db_table
 _COLUMNS = "id, channel, event_type, data, idempotency_key"
@@ -236,10 +254,13 @@ class SQLiteSource:
     def __init__(self, alias):
         self.alias = alias
         settings_dict = connections[alias].settings_dict
-        self._name = settings_dict["NAME"]
+        self._name = str(settings_dict["NAME"])
         # The host's per-connection pragmas (e.g. journal_mode=WAL), as Django runs them.
         self._init = settings_dict.get("OPTIONS", {}).get("init_command", "")
+        path = urllib.parse.urlsplit(self._name).path if self._name.startswith("file:") else self._name
+        self.lock_path = f"{path}{LOCK_FILE_SUFFIX}"
         self._conn = None
+        self._lock_fd = None
         self._wake = threading.Event()
 
     def _connect(self):
@@ -273,26 +294,57 @@ class SQLiteSource:
             raise SourceUnavailable(f"SQLite ({self.alias}): {error}") from error
 
     def acquire(self):
-        """Connect if needed; return True (every SQLite relay is active, its batches serialized)."""
+        """Connect if needed and try to become the active relay (the lock file's flock); return True if this one is."""
         if self._conn is None:
             self._connect()
+        if self._lock_fd is None:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as error:
+                raise SourceUnavailable(f"SQLite ({self.alias}): cannot open {self.lock_path}: {error}") from error
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError as error:
+                os.close(fd)
+                raise SourceUnavailable(f"SQLite ({self.alias}): cannot lock {self.lock_path}: {error}") from error
+            self._lock_fd = fd
         return True
 
     @contextmanager
     def batch(self, size):
-        """Claim the oldest ``size`` rows under ``BEGIN IMMEDIATE``; yield them (see PostgresSource.batch).
+        """Yield the oldest ``size`` rows (a list of Row, ascending id), read without a lock.
 
-        Without rows it takes no lock: the look is a plain read (never
-        blocked by writers in WAL mode). Raise Busy if another connection
-        holds the write lock.
+        A plain read, which WAL mode never blocks; ``delete`` then takes the
+        write lock for its own short transaction. Raise Busy if the database
+        is locked for reading (rollback-journal mode, a writer committing).
         """
-        if self._execute(f'SELECT 1 FROM "{_TABLE}" LIMIT 1').fetchone() is None:
-            yield []
-            return
-        self._execute("BEGIN IMMEDIATE")
+        rows = self._execute(f'SELECT {_COLUMNS} FROM "{_TABLE}" ORDER BY id LIMIT ?', [size]).fetchall()
+        yield [_row(values) for values in rows]
+
+    def delete(self, ids):
+        """Delete the rows ``ids`` (list of int) in a ``BEGIN IMMEDIATE`` transaction of their own.
+
+        The write lock is taken here and nowhere else, and released before
+        anything can yield to another greenlet. A taken lock is tried again
+        for up to DELETE_RETRY_SECONDS, then Busy is raised (the rows are
+        published again later, and delivered once: same idempotency keys).
+        """
+        ids = list(ids)
+        deadline = time.monotonic() + DELETE_RETRY_SECONDS
+        while True:
+            try:
+                self._execute("BEGIN IMMEDIATE")
+                break
+            except Busy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(*BUSY_RETRY_SECONDS))
         try:
-            rows = self._execute(f'SELECT {_COLUMNS} FROM "{_TABLE}" ORDER BY id LIMIT ?', [size]).fetchall()
-            yield [_row(values) for values in rows]
+            marks = ", ".join("?" * len(ids))
+            self._execute(f'DELETE FROM "{_TABLE}" WHERE id IN ({marks})', ids)
             self._execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -306,11 +358,6 @@ class SQLiteSource:
         except sqlite3.Error:
             self.disconnect()
 
-    def delete(self, ids):
-        ids = list(ids)
-        marks = ", ".join("?" * len(ids))
-        self._execute(f'DELETE FROM "{_TABLE}" WHERE id IN ({marks})', ids)
-
     def wait(self, timeout):
         """Return after ``timeout`` seconds, or sooner if ``wakeup`` was called."""
         self._wake.wait(timeout)
@@ -321,15 +368,20 @@ class SQLiteSource:
 
     @property
     def active(self):
-        return self._conn is not None
+        """True while this relay holds the lock file."""
+        return self._lock_fd is not None
 
     def disconnect(self):
+        """Close the connection and release the lock file; the next ``acquire`` starts again."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
             except sqlite3.Error:
                 pass
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def close(self):
         self.disconnect()
