@@ -16,7 +16,7 @@ by ``myapp.gunicorn.post_worker_init``) and as ``manage.py push_relay``.
 
 One relay at a time is active per database (``sources.py``): on PostgreSQL
 the one holding a session-level advisory lock, woken by NOTIFY; on SQLite
-each batch runs under ``BEGIN IMMEDIATE``, so batches never overlap. See
+the one holding a flock on a file next to the database, polling. See
 docs/outbox.md.
 
 This package is an app of its own (label ``myapp_outbox``): only projects that
