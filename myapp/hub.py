@@ -142,6 +142,7 @@ class Hub:
         self._next_slice = 0
         self._hangups = Hangups()
         self._watched = {}  # Subscription -> fd watched for its client's hang-up
+        self._adopted = 0  # open subscriptions whose connection the hub owns
 
         self._listener = None
         self._connected = threading.Event()
@@ -200,10 +201,12 @@ class Hub:
         return owner is not None and limit is not None and self._owners[owner] >= limit
 
     def stats(self):
-        """Return a dict of counts: streams, channels, watched (sockets watched for hang-ups), connected."""
+        """Return a dict of counts: streams, adopted (streams whose connection the hub owns), channels,
+        watched (sockets watched for hang-ups), connected."""
         with self._lock:
             return {
                 "streams": len(self._subscriptions),
+                "adopted": self._adopted,
                 "channels": len(self._refs),
                 "watched": len(self._hangups),
                 "connected": self.connected,
@@ -312,6 +315,7 @@ class Hub:
             if fd is not None:
                 self._watched[subscription] = fd
             outcome = subscription.adopt(Sink(sock, chunked=chunked), retry=retry, deadline=deadline)
+            self._adopted += 1
         self._settle([(subscription, outcome)] if outcome is not None else ())
         return True
 
@@ -352,6 +356,8 @@ class Hub:
             if subscription.owned and reason not in (DISCONNECTED, OVERFLOW, UNSUBSCRIBED):
                 subscription.last_words(closing_frame(reason, subscription.retry))
             owned = subscription.end(reason)
+            if owned is not None:
+                self._adopted -= 1
             self._subscriptions.discard(subscription)
             fd = self._watched.pop(subscription, None)
             if fd is not None:

@@ -298,7 +298,7 @@ def test_streams_share_the_subscription_and_clean_up(broker, hub_factory):
     parsers = SSEParser(), SSEParser()
     for parser, stream in zip(parsers, frames, strict=True):
         assert [m.type for m in parser.feed(next(stream))] == ["stream.open"]
-    assert hub.stats() == {"streams": 2, "channels": 1, "watched": 0, "connected": True}
+    assert hub.stats() == {"streams": 2, "adopted": 0, "channels": 1, "watched": 0, "connected": True}
     pos = broker.publish("room:a", "t", '"both"')
     for parser, stream in zip(parsers, frames, strict=True):
         assert [(m.type, m.data, m.last_event_id) for m in parser.feed(next(stream))] == [
@@ -307,7 +307,7 @@ def test_streams_share_the_subscription_and_clean_up(broker, hub_factory):
     first.close()
     assert hub.stats()["streams"] == 1
     second.close()
-    assert hub.stats() == {"streams": 0, "channels": 0, "watched": 0, "connected": True}
+    assert hub.stats() == {"streams": 0, "adopted": 0, "channels": 0, "watched": 0, "connected": True}
 
 
 def test_stream_resumes_each_channel_from_one_id(broker, hub_factory):

@@ -79,7 +79,7 @@ def test_channel_subscribed_once_and_dropped_with_last_subscriber(spy, hub_facto
     second.close()
     wait_until(lambda: len(spy.data_commands()) == 3, what="the unsubscribe")
     assert spy.data_commands()[-1] == ("unsubscribe", ["room:a", "room:b"])
-    assert hub.stats() == {"streams": 0, "channels": 0, "watched": 0, "connected": True}
+    assert hub.stats() == {"streams": 0, "adopted": 0, "channels": 0, "watched": 0, "connected": True}
 
 
 def test_resubscribe_after_unsubscribe_waits_for_a_fresh_confirmation(spy, hub_factory):

@@ -10,30 +10,7 @@ from myapp.events import Event
 from myapp.sink import Sink, chunk, sink_for
 from myapp.stream import open_stream
 from tests.conftest import wait_until
-from tests.sse_client import SSEParser
-
-
-class ChunkedDecoder:
-    """A strict decoder of HTTP/1.1 chunked transfer coding (RFC 9112 7.1): raises on any framing error."""
-
-    def __init__(self):
-        self.buffer = b""
-
-    def feed(self, data):
-        self.buffer += data
-        out = []
-        while True:
-            head, sep, rest = self.buffer.partition(b"\r\n")
-            if not sep:
-                break
-            size = int(head, 16)  # ValueError on garbage
-            if len(rest) < size + 2:
-                break
-            if rest[size : size + 2] != b"\r\n":
-                raise ValueError(f"chunk of {size} bytes not followed by CRLF: {rest[: size + 2]!r}")
-            out.append(rest[:size])
-            self.buffer = rest[size + 2 :]
-        return b"".join(out)
+from tests.sse_client import ChunkedDecoder, SSEParser
 
 
 class Served:
