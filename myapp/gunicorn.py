@@ -66,9 +66,8 @@ def post_worker_init(worker):
     from gunicorn.workers.base_async import ALREADY_HANDLED
     from gunicorn.workers.ggevent import GeventWorker
 
-    from myapp.adoption import adopting
-
     from myapp import checks as myapp_checks
+    from myapp.adoption import adopting
 
     if not isinstance(worker, GeventWorker):
         worker.log.error(
