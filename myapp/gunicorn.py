@@ -54,7 +54,9 @@ def post_worker_init(worker):
 
     The worker's WSGI application is wrapped so the hub adopts each stream's
     connection once its response has started (``myapp.adoption``): an idle
-    stream then holds no greenlet, request or response.
+    stream then holds no greenlet, request or response. Every object alive
+    at that point is frozen out of the garbage collector's full passes, and
+    collections are timed (``myapp.gcwatch``, reported by ``/healthz``).
 
     On SIGTERM (a deploy, ``kill -TERM``) the worker stops accepting as usual
     and every stream ends at once between two frames, with a jittered
@@ -67,6 +69,7 @@ def post_worker_init(worker):
     from gunicorn.workers.ggevent import GeventWorker
 
     from myapp import checks as myapp_checks
+    from myapp import gcwatch
     from myapp.adoption import adopting
 
     if not isinstance(worker, GeventWorker):
@@ -82,6 +85,10 @@ def post_worker_init(worker):
     if problems:
         raise SystemExit(3)
     worker.wsgi = adopting(worker.wsgi, ALREADY_HANDLED)
+    # What is alive now lives as long as the worker: keep it out of every
+    # full collection, and time the collections that remain (/healthz).
+    gcwatch.install()
+    gcwatch.freeze()
 
     original = worker.handle_exit
 

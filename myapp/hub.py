@@ -503,8 +503,7 @@ class Hub:
                 " (the broker lost its data)" if history.epoch > self._position else "",
             )
             self._reset_channels(lost, head)
-        for event in history.events:
-            self._dispatch(event)
+        self._dispatch(history.events)
         return len(history.events)
 
     def _reset_channels(self, channels, pos):
@@ -539,20 +538,29 @@ class Hub:
             timeout = next_marker - now
             if marker_sent is not None:
                 timeout = min(timeout, marker_sent + self.liveness_timeout - now)
+            batch = []  # everything one wake-up brought is dispatched under one lock
             for item in listener.wait(max(timeout, 0.0)):
-                if type(item) is Subscribed:
+                kind = type(item)
+                if kind is Subscribed:
                     self._confirm(item.channel)
-                else:
-                    if item.channel == self.hub_channel:
-                        marker_sent = None
+                    continue
+                if item.channel == self.hub_channel:
+                    marker_sent = None
+                if kind is Trimmed:
+                    self._dispatch(batch)
+                    batch = []
                     self._handle(item)
+                else:
+                    batch.append(item)
+            if batch:
+                self._dispatch(batch)
 
     def _handle(self, item):
         if type(item) is Trimmed:
             # The event at item.pos cannot be read any more: its streams skip it after a reset.
             self._reset_channels([item.channel], max(item.pos, self._position))
         else:
-            self._dispatch(item)
+            self._dispatch([item])
 
     def _flush(self, listener):
         with self._lock:
@@ -621,21 +629,23 @@ class Hub:
                 sub.begin(start, reset, events)
                 self._activate(sub)
 
-    def _dispatch(self, event):
-        """Offer ``event`` to every subscription on its channel."""
+    def _dispatch(self, events):
+        """Offer each of ``events`` (ascending positions) to every subscription on its channel, under one lock."""
         outcomes = None
-        pos = event.pos
         with self._lock:
-            if pos <= self._position:
-                return  # already dispatched (history and live overlap after a reconnect)
-            self._position = pos
-            holders = self._channels.get(event.channel)
-            if holders:
-                for subscription in holders:
-                    outcome = subscription.offer(event)
-                    if outcome is not None:
-                        outcomes = outcomes or []
-                        outcomes.append((subscription, outcome))
+            channels = self._channels
+            for event in events:
+                pos = event.pos
+                if pos <= self._position:
+                    continue  # already dispatched (history and live overlap after a reconnect)
+                self._position = pos
+                holders = channels.get(event.channel)
+                if holders:
+                    for subscription in holders:
+                        outcome = subscription.offer(event)
+                        if outcome is not None:
+                            outcomes = outcomes or []
+                            outcomes.append((subscription, outcome))
         if outcomes:
             self._settle(outcomes)
 
@@ -644,8 +654,11 @@ class Hub:
     def _heartbeats(self):
         """Every slice interval, offer a heartbeat to one slice of the active streams.
 
-        The same pass ends streams past their lifetime, and owned streams
-        whose socket stayed full for longer than ``send_timeout``.
+        A stream that was handed an event since its slice's last turn needs
+        none (its connection carried bytes and its last event id moved), so a
+        stream hears something at least every two heartbeat intervals. The
+        same pass ends streams past their lifetime, and owned streams whose
+        socket stayed full for longer than ``send_timeout``.
         """
         step = self.heartbeat_interval / len(self._slices)
         index = 0
@@ -664,7 +677,11 @@ class Hub:
                         if stalled is not None and now - stalled > self.send_timeout:
                             outcomes.append((subscription, DISCONNECTED))
                             continue
+                        if subscription.fresh:
+                            subscription.fresh = False  # it had bytes since its last heartbeat: none needed
+                            continue
                         outcome = subscription.offer(beat)
+                        subscription.fresh = False  # the heartbeat itself does not count
                         if outcome is not None:
                             outcomes.append((subscription, outcome))
                 index = (index + 1) % len(self._slices)

@@ -174,6 +174,7 @@ class Subscription:
         "deadline",
         "retry",
         "backlog_since",
+        "fresh",
         "on_end",
         "_sink",
         "_tail",
@@ -200,6 +201,7 @@ class Subscription:
         self.retry = None  # milliseconds, sent in the last block of an owned stream
         self.backlog_since = None  # time.monotonic() since an owned stream's socket has been full
         self.on_end = None  # called (no arguments) by the hub once an owned stream has ended
+        self.fresh = False  # handed an event since its last heartbeat turn (the hub skips that heartbeat)
         self._sink = None  # ``direct`` while parked in get(), else None
         self._tail = None  # bytes a direct write left unsent (framed for the wire)
         self._frames = []
@@ -302,6 +304,7 @@ class Subscription:
             except OSError:
                 return DISCONNECTED
             self.pos = pos
+            self.fresh = True
             if sent < len(wire):
                 self._tail = wire[sent:]
                 if self.owned:
@@ -320,6 +323,7 @@ class Subscription:
             return OVERFLOW
         frames.append(wire)
         self.pos = pos
+        self.fresh = True
         if not self.owned:
             self._wake.set()
         return None

@@ -11,7 +11,8 @@ import time
 import pytest
 import requests
 
-from myapp.ids import parse
+from myapp.brokers.redis import RedisBroker
+from myapp.ids import format_id, parse
 from tests.conftest import wait_until
 from tests.sse_client import ChunkedDecoder, SSEParser
 from tests.stack import LiveStack
@@ -172,9 +173,13 @@ def test_overflowing_reader_is_dropped_and_resumes_from_history(adopting_stack):
     wire = Wire(adopting_stack, session, rcvbuf=4096)
     channel = _channel(adopting_stack, session)
     payload = "y" * 40_000
-    # About 6 MB: more than the kernel's socket buffers can take (tcp_wmem tops out at 4 MB), so the
-    # frames queue up, past the stack's queue of 100.
-    ids = [adopting_stack.publish(channel, f"{n}:{payload}").json()["id"] for n in range(150)]
+    # About 12 MB, published straight to the broker (fast): more than the kernel's socket buffers take
+    # (tcp_wmem tops out at 4 MB), so the frames queue up, past the stack's queue of 100.
+    broker = RedisBroker(url=adopting_stack.env["REDIS_URL"])
+    try:
+        ids = [format_id(broker.publish(channel, "note", f'"{n}:{payload}"')) for n in range(300)]
+    finally:
+        broker.close()
     wire.read_until(lambda w: w.eof, timeout=20, what="the server to drop the stream")
     wire.close()
     assert not wire.decoder.ended, "cut, not ended: the browser reconnects"
