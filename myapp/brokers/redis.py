@@ -2,22 +2,31 @@
 
 Keys, under ``key_prefix`` (default ``"myapp:"``):
 
-- ``pos``: the newest position handed out, as ``"<ms>-<seq>"``;
-- ``epoch``: the position where this server's history begins (set with
-  ``pos`` when the server has none, e.g. after a restart that lost its data);
+- ``ids``: a stream of one entry whose ids are the positions handed out:
+  ``XADD ids MAXLEN 1 *`` gives the next one (the server's clock in
+  milliseconds and a sequence, never below the last id, also after the clock
+  stepped back or a failover to a replica with the stream);
+- ``epoch``: the position where this server's retained order begins (set
+  with the first event after the server had no epoch: first use, or a
+  restart that lost its data);
 - ``h:<channel>``: the channel's history, a Redis stream whose entry ids are
   the event positions, with fields ``t`` (event type), ``d`` (data) and ``p``
   (the channel's previous position, or ``epoch`` for its first event, to
-  detect gaps). Capped at ``history_length`` entries (exact ``MAXLEN``) and
-  ``history_ttl`` seconds (``XTRIM MINID``); the key expires ``history_ttl``
-  after the last publish;
+  detect gaps). Capped at ``history_length`` entries with ``MAXLEN ~``
+  (whole stream nodes: up to ``stream-node-max-entries``, 100, more are kept)
+  and expiring ``history_ttl`` after the channel's last publish; age is
+  enforced by the resume rule (``myapp.resume``), not per entry;
+- ``l:<channel>``: the channel's last position (the next event's ``p``),
+  expiring with the history;
 - ``k:<channel> <key>``: a publisher-chosen id, kept ``history_ttl`` seconds
   (a space, outside the channel charset, separates the two);
 - pub/sub channel ``c:<channel>``, carrying ``"<id>\\n<event type>\\n<data>"``.
 
-One Lua script does it all (next position from the server's ``TIME``,
-history, ``PUBLISH``): scripts run atomically, so positions increase in the
-exact order in which subscribers receive messages, across all channels.
+One Lua script publishes (next position, history, ``PUBLISH``): scripts run
+atomically, so positions increase in the exact order in which subscribers
+receive messages, across all channels. It does no string arithmetic (Lua's
+string functions cost more on the server than all the commands it calls);
+``bench/publish.py`` measures it per command.
 
 Restarts: with persistence (AOF or RDB) the history survives and streams
 resume across a restart. A server that lost its data starts a new ``epoch``:
@@ -27,8 +36,8 @@ events published between it and the loss are gone; the stream resets.
 Memory: a stream entry costs its data plus roughly 30-60 bytes; see
 docs/benchmarks for the measured cost per 1,000 events.
 
-Sources: redis-py 8 (``PubSub.get_message``, ``BlockingConnectionPool``),
-Redis docs for XADD/XTRIM/XRANGE (exclusive ``(`` ranges need Redis >= 6.2).
+Sources: redis-py 8 (``BlockingConnectionPool``), Redis docs for XADD
+(``MAXLEN ~``, ``*`` ids), XRANGE (exclusive ``(`` ranges need Redis >= 6.2).
 """
 
 import hiredis
@@ -46,64 +55,46 @@ from .options import positive_int, seconds, text
 
 __all__ = ["RedisBroker"]
 
-# KEYS: pos, epoch. Returns the newest position, starting a new epoch when
-# the server has none (first use, or a restart that lost the data).
-_HEAD = """
-local function head()
-  local last = redis.call('GET', KEYS[1])
-  if last then return last end
-  local t = redis.call('TIME')
-  last = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[1], last)
-  redis.call('SET', KEYS[2], last)
-  return last
-end
+# KEYS: ids, epoch. Returns the newest position, starting an epoch when the
+# server has none (first use, or a restart that lost the data).
+_POSITION = """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if newest[1] then return {newest[1][1], redis.call('GET', KEYS[2])} end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'p', '')
+redis.call('SET', KEYS[2], id)
+return {id, id}
 """
 
-_POSITION = (
-    _HEAD
-    + """
-return {head(), redis.call('GET', KEYS[2])}
-"""
-)
-
-# KEYS: pos, epoch, history stream, publisher id key.
+# KEYS: ids, epoch, history stream, the channel's last position, publisher id key.
 # ARGV: pub/sub channel, event type, data, history length, ttl (ms), has id.
-_PUBLISH = (
-    _HEAD
-    + """
+# The server's own stream ids give the next position (XADD *: its clock in
+# ms and a sequence, never below the last one), so no string arithmetic runs
+# in Lua, which costs more here than every command the script calls.
+_PUBLISH = """
 if ARGV[6] == '1' then
-  local found = redis.call('GET', KEYS[4])
+  local found = redis.call('GET', KEYS[5])
   if found then return found end
 end
-local last = head()
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ms, seq = now, 0
-local dash = string.find(last, '-', 1, true)
-local last_ms = tonumber(string.sub(last, 1, dash - 1))
-if last_ms >= now then
-  ms = last_ms
-  seq = tonumber(string.sub(last, dash + 1)) + 1
-  if seq > 4194303 then ms = ms + 1; seq = 0 end
-end
-local id = string.format('%d-%d', ms, seq)
-redis.call('SET', KEYS[1], id)
-local length = tonumber(ARGV[4])
-if length > 0 then
-  local ttl = tonumber(ARGV[5])
-  local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-  local prev
-  if newest[1] then prev = newest[1][1] else prev = redis.call('GET', KEYS[2]) end
-  redis.call('XADD', KEYS[3], 'MAXLEN', length, id, 't', ARGV[2], 'd', ARGV[3], 'p', prev)
-  redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d', now - ttl))
-  redis.call('PEXPIRE', KEYS[3], ttl)
-  if ARGV[6] == '1' then redis.call('SET', KEYS[4], id, 'PX', ttl) end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'p', '')
+if ARGV[4] ~= '0' then
+  local prev = redis.call('GET', KEYS[4])
+  if not prev then
+    prev = redis.call('GET', KEYS[2])
+    if not prev then
+      -- No epoch: the server's order starts here, just before this event.
+      prev = id
+      redis.call('SET', KEYS[2], id)
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'p', '')
+    end
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], id, 't', ARGV[2], 'd', ARGV[3], 'p', prev)
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  redis.call('SET', KEYS[4], id, 'PX', ARGV[5])
+  if ARGV[6] == '1' then redis.call('SET', KEYS[5], id, 'PX', ARGV[5]) end
 end
 redis.call('PUBLISH', ARGV[1], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return id
 """
-)
 
 
 def _unavailable(error):
@@ -163,36 +154,39 @@ class RedisBroker(Broker):
         self._client = redis.Redis(connection_pool=self._pool)
         self._script = self._client.register_script(_PUBLISH)
         self._position_script = self._client.register_script(_POSITION)
-        self._ttl_ms = int(self.history_ttl * 1000)
-        self._head_keys = [self.prefix + "pos", self.prefix + "epoch"]
+        self._ttl_ms = str(int(self.history_ttl * 1000))
+        self._head_keys = [self.prefix + "ids", self.prefix + "epoch"]
 
-    def _run_script(self, channel_key, history_key, key_key, event_type, data, length, has_key):
+    def _run_script(self, keys, args):
         try:
-            raw = self._script(
-                keys=[*self._head_keys, history_key, key_key],
-                args=[channel_key, event_type, data, length, self._ttl_ms, "1" if has_key else "0"],
-            )
+            raw = self._script(keys=keys, args=args)
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
         return parse(raw.decode())
 
     def publish(self, channel, event_type, data, *, idempotency_key=None):
-        key = idempotency_key
-        history_key = self.prefix + "h:" + channel
-        key_key = self.prefix + "k:" + channel + " " + key if key is not None else history_key
+        prefix = self.prefix
+        history_key = prefix + "h:" + channel
+        last_key = prefix + "l:" + channel
+        if idempotency_key is None:
+            keys = [*self._head_keys, history_key, last_key, last_key]
+            flag = "0"
+        else:
+            keys = [*self._head_keys, history_key, last_key, prefix + "k:" + channel + " " + idempotency_key]
+            flag = "1"
         return self._run_script(
-            self.prefix + "c:" + channel, history_key, key_key, event_type, data, self.history_length, key is not None
+            keys, [prefix + "c:" + channel, event_type, data, str(self.history_length), self._ttl_ms, flag]
         )
 
     def _publish_marker(self, hub_channel):
-        pos_key = self.prefix + "pos"
-        return self._run_script(self.prefix + "c:" + hub_channel, pos_key, pos_key, "marker", "", 0, False)
+        key = self._head_keys[0]
+        return self._run_script(
+            [*self._head_keys, key, key, key], [self.prefix + "c:" + hub_channel, "marker", "", "0", self._ttl_ms, "0"]
+        )
 
     def last_position(self):
         try:
-            head = self._client.get(self._head_keys[0])
-            if head is None:  # no history yet (or lost): start an epoch
-                head, _ = self._position_script(keys=self._head_keys)
+            head, _ = self._position_script(keys=self._head_keys)
         except (redis.RedisError, OSError) as error:
             raise _unavailable(error) from error
         return parse(head.decode()) or 0
@@ -204,7 +198,9 @@ class RedisBroker(Broker):
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.get(self._head_keys[1])
                 for channel in channels:
-                    pipe.xrange(self.prefix + "h:" + channel, start, "+", count=self.history_length)
+                    # No COUNT: approximate trimming keeps a little more than
+                    # history_length, and a replay cut short would skip events.
+                    pipe.xrange(self.prefix + "h:" + channel, start, "+")
                 raw_epoch, *results = pipe.execute()
             if raw_epoch is None:  # no history at all (lost, nothing published since): start an epoch
                 _, raw_epoch = self._position_script(keys=self._head_keys)
