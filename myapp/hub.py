@@ -50,6 +50,7 @@ from collections import Counter, defaultdict
 from myapp.brokers.base import HUB_CHANNEL_PREFIX, Subscribed, Trimmed
 from myapp.exceptions import BrokerUnavailable
 from myapp.hangups import Hangups
+from myapp.ids import format_id
 from myapp.registry import ProcessLocal
 from myapp.resume import TRIMMED, holes, replay, start_position
 from myapp.sink import Sink
@@ -445,6 +446,8 @@ class Hub:
                 # later ones catch up from the last position dispatched.
                 self._position = broker.last_position()
                 self._positioned = True
+            else:
+                self._check_order(broker.last_position())
             with self._lock:
                 channels = list(self._refs)
                 self._confirmed.clear()
@@ -484,6 +487,29 @@ class Hub:
             self._handle(item)
         self._activate_pending()
 
+    def _check_order(self, head):
+        """Handle a broker whose newest position ``head`` is behind what this hub already dispatched.
+
+        It lost writes this hub saw (a failover to a replica that had not
+        received them, a restart from an older snapshot): later positions may
+        repeat ones the streams already sent, and would be dropped as
+        duplicates. Every open stream gets a reset positioned at ``head``,
+        below what it sent (its browser reloads), and the hub goes on from
+        there, so nothing after it is skipped.
+        """
+        if head >= self._position:
+            return
+        log.warning(
+            "hub: the broker's newest position %s is behind the %s this hub dispatched (it lost writes); "
+            "every stream resets",
+            format_id(head),
+            format_id(self._position),
+        )
+        with self._lock:
+            channels = list(self._channels)
+        self._reset_channels(channels, head, backwards=True)
+        self._position = head
+
     def _catch_up(self, channels):
         """Dispatch what the active streams' channels missed while the hub was away; return how many events.
 
@@ -506,9 +532,12 @@ class Hub:
         self._dispatch(history.events)
         return len(history.events)
 
-    def _reset_channels(self, channels, pos):
-        """Offer a TRIMMED reset at ``pos`` to every active stream on ``channels``."""
-        reset = Reset(TRIMMED, pos)
+    def _reset_channels(self, channels, pos, *, backwards=False):
+        """Offer a TRIMMED reset at ``pos`` to every active stream on ``channels``.
+
+        backwards: ``pos`` may be below what the streams sent (``_check_order``).
+        """
+        reset = Reset(TRIMMED, pos, backwards=backwards)
         outcomes = []
         with self._lock:
             victims = {sub for channel in channels for sub in self._channels.get(channel, ())}

@@ -121,19 +121,22 @@ class Reset:
 
     Written as a ``stream.reset`` event (data ``{"reason": ...}``, id
     ``pos``) whatever the stream has sent: the page reloads its state, and
-    the stream skips everything at or before ``pos``.
+    the stream skips everything at or before ``pos``. ``backwards`` lets
+    ``pos`` move the stream's position down (the broker's order went back,
+    see ``myapp.hub.Hub._check_order``); otherwise it never moves down.
     """
 
-    __slots__ = ("reason", "pos", "frame", "chunk")
+    __slots__ = ("reason", "pos", "frame", "chunk", "backwards")
 
-    def __init__(self, reason, pos):
+    def __init__(self, reason, pos, *, backwards=False):
         self.reason = reason
         self.pos = pos
+        self.backwards = backwards
         self.frame = sse.encode(json.dumps({"reason": reason}), event=RESET_EVENT, id=format_id(pos))
         self.chunk = chunk(self.frame)
 
     def wire(self, sent, chunked):
-        return (self.chunk if chunked else self.frame), max(sent, self.pos)
+        return (self.chunk if chunked else self.frame), (self.pos if self.backwards else max(sent, self.pos))
 
 
 class Subscription:
