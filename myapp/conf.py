@@ -62,6 +62,11 @@ DEFAULTS = {
     "MYAPP_CORS_ALLOWED_ORIGINS": [],
     # Seconds a client is told to wait (Retry-After) on 503 and 429.
     "MYAPP_RETRY_AFTER_SECONDS": 5,
+    # Channels whose presence is tracked (who is connected, across workers and
+    # hosts: myapp.presence.presence), as fnmatch patterns, e.g. ["room:*"].
+    "MYAPP_PRESENCE_CHANNELS": [],
+    # Publish presence.join / presence.leave events on those channels.
+    "MYAPP_PRESENCE_EVENTS": False,
 }
 
 

@@ -51,6 +51,9 @@ __all__ = [
     "UNSUBSCRIBED",
     "DISCONNECTED",
     "LIFETIME",
+    "DISCONNECT",
+    "UNSUBSCRIBE",
+    "END_EVENT",
     "BACKLOGGED",
     "closing_frame",
 ]
@@ -63,6 +66,13 @@ HUB_STOPPED = "hub stopped"
 UNSUBSCRIBED = "unsubscribed"  # the stream itself left (its response ended)
 DISCONNECTED = "disconnected"  # the client closed the connection, or a write found it gone
 LIFETIME = "lifetime"  # MYAPP_STREAM_LIFETIME_SECONDS passed: the browser reconnects and is authorized again
+DISCONNECT = "disconnect"  # myapp.control.disconnect(user): the page stops listening
+UNSUBSCRIBE = "unsubscribe"  # myapp.control.unsubscribe(user, channel): the page reconnects, authorized again
+
+#: Event type of the last event of a stream a control message ended (data
+#: ``{"reason": "disconnect" | "unsubscribe", "reconnect": bool}``): push.js
+#: stops for good when ``reconnect`` is false.
+END_EVENT = "stream.end"
 
 #: What ``offer`` returns for an owned stream whose socket is full: the hub
 #: then waits for it to be writable and calls ``flush``.
@@ -91,7 +101,15 @@ _HEARTBEAT_CHUNK = chunk(HEARTBEAT)
 
 
 def closing_frame(reason, retry):
-    """The last block of a stream that ends for ``reason`` (str): a comment, the ``retry`` (ms, or None), no data."""
+    """The last block of a stream that ends for ``reason`` (str), with the ``retry`` (ms, or None).
+
+    A comment ``closing: <reason>`` in a data-less block (the browser
+    reconnects and resumes), except after a control message: then a
+    ``stream.end`` event the page script acts on.
+    """
+    if reason in (DISCONNECT, UNSUBSCRIBE):
+        data = json.dumps({"reason": reason, "reconnect": reason == UNSUBSCRIBE})
+        return sse.encode(data, comment=f"closing: {reason}", event=END_EVENT, retry=retry)
     return sse.encode(comment=f"closing: {reason}", event=POSITION_EVENT, retry=retry)
 
 

@@ -363,3 +363,25 @@ def test_postgres_maps_any_channel_name_safely(postgres_broker, channel):
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM myapp_postgres_event")
         assert cursor.fetchone()[0] == 1, "the table is intact"
+
+
+def test_presence_sums_over_live_hubs(broker):
+    """Presence entries of several hubs add up; a hub can be left out; a count of 0 removes an entry."""
+    broker.presence_update("hub-a", {("c:room:a", "1"): 2, ("c:room:a", "-"): 1}, 30)
+    broker.presence_update("hub-b", {("c:room:a", "1"): 1, ("c:room:a", "2"): 1, ("o:1", "n"): 4}, 30)
+    assert broker.presence_read("c:room:a") == {"1": 3, "-": 1, "2": 1}
+    assert broker.presence_read("c:room:a", exclude="hub-a") == {"1": 1, "2": 1}
+    assert broker.presence_read("o:1") == {"n": 4}
+    broker.presence_update("hub-b", {("c:room:a", "2"): 0}, 30)
+    assert broker.presence_read("c:room:a") == {"1": 3, "-": 1}
+    assert broker.presence_read("c:room:none") == {}
+
+
+def test_presence_of_a_hub_whose_ttl_passed_no_longer_counts(broker):
+    """A hub that stops renewing (a crashed worker) drops out once its time-to-live passed; renewing brings it back."""
+    broker.presence_update("hub-dead", {("c:room:a", "1"): 1}, 0.3)
+    broker.presence_update("hub-live", {("c:room:a", "2"): 1}, 30)
+    assert broker.presence_read("c:room:a") == {"1": 1, "2": 1}
+    wait_until(lambda: broker.presence_read("c:room:a") == {"2": 1}, timeout=5, what="the dead hub to drop out")
+    broker.presence_update("hub-dead", {("c:room:a", "1"): 1}, 30)
+    assert broker.presence_read("c:room:a") == {"1": 1, "2": 1}

@@ -30,7 +30,9 @@ class SpyBroker(MemoryBroker):
         return listener
 
     def data_commands(self):
-        return [(verb, channels) for verb, channels in self.commands if not channels[0].startswith("!hub")]
+        """The commands for stream channels (the hub's own and the control channel left out)."""
+        commands = [(verb, [c for c in channels if not c.startswith("!")]) for verb, channels in self.commands]
+        return [(verb, channels) for verb, channels in commands if channels]
 
 
 class SpyListener(MemoryListener):

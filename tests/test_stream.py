@@ -161,8 +161,8 @@ def test_hub_thread_death_closes_its_streams(broker, hub, monkeypatch):
     def die(*args):
         raise SystemExit("the listener thread is gone")
 
-    monkeypatch.setattr(hub, "_serve", die)
-    hub._listener.close()  # the loop reconnects, then _serve dies
+    monkeypatch.setattr(hub.link, "_serve", die)
+    hub.link._listener.close()  # the loop reconnects, then _serve dies
     while not reader.ended:
         reader.pull()
     assert reader.parser.comments[-1] == "closing: hub stopped"

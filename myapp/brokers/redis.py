@@ -97,6 +97,10 @@ return id
 """
 
 
+#: Milliseconds a presence hash lives after its last write (readers drop dead hubs' entries earlier).
+_PRESENCE_KEEP_MS = 24 * 3600 * 1000
+
+
 def _unavailable(error):
     return BrokerUnavailable(f"Redis: {error.__class__.__name__}: {error}")
 
@@ -220,6 +224,47 @@ class RedisBroker(Broker):
                 trimmed.add(channel)
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed), epoch)
+
+    def presence_update(self, hub_id, counts, ttl):
+        prefix = self.prefix
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for (key, member), count in counts.items():
+                    field = hub_id + " " + member
+                    if count:
+                        pipe.hset(prefix + "pr:" + key, field, count)
+                        # Entries of hubs that died are dropped by readers; this bounds the rest.
+                        pipe.pexpire(prefix + "pr:" + key, _PRESENCE_KEEP_MS)
+                    else:
+                        pipe.hdel(prefix + "pr:" + key, field)
+                pipe.set(prefix + "live:" + hub_id, "1", px=max(1, int(ttl * 1000)))
+                pipe.execute()
+        except (redis.RedisError, OSError) as error:
+            raise _unavailable(error) from error
+
+    def presence_read(self, key, *, exclude=None):
+        prefix = self.prefix
+        try:
+            raw = self._client.hgetall(prefix + "pr:" + key)
+            if not raw:
+                return {}
+            entries = []
+            for field, count in raw.items():
+                hub, _, member = field.decode().partition(" ")
+                entries.append((hub, member, int(count)))
+            hubs = sorted({hub for hub, _, _ in entries})
+            flags = self._client.mget([prefix + "live:" + hub for hub in hubs])
+            alive = {hub for hub, flag in zip(hubs, flags, strict=True) if flag}
+            dead = [f"{hub} {member}" for hub, member, _ in entries if hub not in alive]
+            if dead:
+                self._client.hdel(prefix + "pr:" + key, *dead)
+        except (redis.RedisError, OSError) as error:
+            raise _unavailable(error) from error
+        totals = {}
+        for hub, member, count in entries:
+            if hub in alive and hub != exclude:
+                totals[member] = totals.get(member, 0) + count
+        return {member: count for member, count in totals.items() if count}
 
     def close(self):
         self._pool.disconnect()

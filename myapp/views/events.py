@@ -153,10 +153,13 @@ def _check(request, cors):
     if not isinstance(grant, Grant):
         return grant
     hub = get_hub()
-    if not hub.available():
+    try:
+        if not hub.available():
+            return unavailable("the event broker is unavailable; retry later", headers=cors)
+        if hub.at_limit(grant.owner):
+            return unavailable("too many streams for this user", status=429, headers=cors)
+    except BrokerUnavailable:
         return unavailable("the event broker is unavailable; retry later", headers=cors)
-    if hub.at_limit(grant.owner):
-        return unavailable("too many streams for this user", status=429, headers=cors)
     return JsonResponse({"channels": list(grant.channels)}, headers=cors)
 
 

@@ -153,10 +153,13 @@ class PostgresBroker(Broker):
 
         return self._run(work)
 
-    def _read(self, query, params):
-        """Run a read-only ``query`` on the broker's own connection and return its rows.
+    def _read(self, query, params, *, rows=True):
+        """Run ``query`` on the broker's own connection (autocommit) and return its rows (or None).
 
-        The connection opens on first use and again after a failure.
+        The hub reads positions and history, and writes presence, from its
+        own threads: a connection of the broker's (not Django's, which is
+        per greenlet and would stay checked out for the greenlet's life)
+        serves them. It opens on first use and again after a failure.
         """
         with self._reader_lock:
             conn = self._reader
@@ -164,7 +167,8 @@ class PostgresBroker(Broker):
                 if conn is None or conn.closed:
                     conn = self._reader = psycopg.connect(**self.connection_params(), autocommit=True)
                     conn.execute("SELECT set_config('statement_timeout', %s, false)", [self._timeout_ms])
-                return conn.execute(query, params).fetchall()
+                cursor = conn.execute(query, params)
+                return cursor.fetchall() if rows else None
             except psycopg.Error as error:
                 _raise_if_tables_missing(error)
                 self._reader = None
@@ -189,6 +193,23 @@ class PostgresBroker(Broker):
                     trimmed.add(channel)
             events.append(Event(channel, pos, event_type, decode_data(data), prev))
         return History(events, frozenset(trimmed))
+
+    def presence_update(self, hub_id, counts, ttl):
+        statements = [
+            (
+                sql.PRESENCE_SET if count else sql.PRESENCE_DELETE,
+                {"key": key, "hub": hub_id, "member": member, "count": count},
+            )
+            for (key, member), count in counts.items()
+        ]
+        statements.append((sql.PRESENCE_ALIVE, {"hub": hub_id, "ttl_ms": max(1, int(ttl * 1000))}))
+        statements.append((sql.PRESENCE_FORGET, {"grace_ms": int(self.history_ttl * 1000)}))
+        for query, params in statements:
+            self._read(query, params, rows=False)
+
+    def presence_read(self, key, *, exclude=None):
+        rows = self._read(sql.PRESENCE_READ, {"key": key, "exclude": exclude or ""})
+        return {member: int(total) for member, total in rows}
 
     def close(self):
         with self._reader_lock:
