@@ -170,6 +170,9 @@ if _backend == "postgres":
     INSTALLED_APPS.append("myapp.brokers.postgres")
 MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
+# Who is in each room, across workers and hosts (myapp.presence), with join/leave events.
+MYAPP_PRESENCE_CHANNELS = os.environ.get("MYAPP_PRESENCE_CHANNELS", "room:*").split(",")
+MYAPP_PRESENCE_EVENTS = True
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
 for _name, _type in (
     ("MYAPP_HEARTBEAT_SECONDS", float),

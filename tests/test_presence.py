@@ -1,4 +1,4 @@
-"""Presence and per-user stream counts across hubs (myapp.presence): two hubs on one memory broker act as two workers."""
+"""Presence and per-user stream counts across hubs (myapp.presence): two hubs on one memory broker as two workers."""
 
 import json
 
