@@ -136,6 +136,22 @@ def site(tmp_path_factory, shared):
         yield site
 
 
+@pytest.fixture(scope="module")
+def logins(site):
+    """The session cookies of each test user, logged in once through nginx: valid on every host of the site."""
+    return {user: site.login(user).cookies for user in USERS}
+
+
+def sessions_of(logins):
+    """A fresh requests.Session per test user, with the cookies of its login."""
+    sessions = []
+    for cookies in logins.values():
+        session = requests.Session()
+        session.cookies.update(cookies)
+        sessions.append(session)
+    return sessions
+
+
 def room():
     return f"room:hosts-{uuid.uuid4().hex[:10]}"
 
@@ -157,10 +173,10 @@ def test_a_login_on_one_host_is_valid_on_the_other(site):
         client.close()
 
 
-def test_streams_spread_over_both_hosts_and_a_broadcast_reaches_each_once(site):
+def test_streams_spread_over_both_hosts_and_a_broadcast_reaches_each_once(site, logins):
     """Streams through nginx land on both hosts; one event published through nginx reaches every stream once."""
     channel = room()
-    sessions = [site.login(user) for user in USERS]
+    sessions = sessions_of(logins)
     clients = []
     try:
         for index in range(12):
@@ -438,7 +454,7 @@ FAILURES = {"crash (SIGKILL)": "crash", "freeze (SIGSTOP)": "freeze"}
 
 
 @pytest.mark.parametrize("failure", list(FAILURES.values()), ids=list(FAILURES))
-def test_clients_of_a_failed_host_resume_on_the_other(failure_site, failure):
+def test_clients_of_a_failed_host_resume_on_the_other(failure_site, logins, failure):
     """A host fails while clients stream and events are published: its clients resume on the other, losing nothing.
 
     The frozen host comes back at the end: the publishes it took but never
@@ -446,7 +462,7 @@ def test_clients_of_a_failed_host_resume_on_the_other(failure_site, failure):
     delivered twice.
     """
     site, channel = failure_site, room()
-    sessions = [site.login(user) for user in USERS]
+    sessions = sessions_of(logins)
     browsers = [Browser(site, sessions[index % len(sessions)], channel) for index in range(6)]
     count, fail_at = 40, 15
     publisher = None
