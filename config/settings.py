@@ -10,6 +10,7 @@ Environment:
 - MYAPP_HISTORY_LENGTH: events the broker keeps per channel; default 1000.
 - DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
 - MYAPP_PUBLISH_TOKENS: comma-separated bearer tokens for the publish API.
+- MYAPP_METRICS_TOKEN: the bearer token for /metrics; unset: metrics off (404).
 - IMPORT_STEP_SECONDS: seconds per step of the demo import job.
 """
 
@@ -173,6 +174,7 @@ MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS"
 # Who is in each room, across workers and hosts (myapp.presence), with join/leave events.
 MYAPP_PRESENCE_CHANNELS = os.environ.get("MYAPP_PRESENCE_CHANNELS", "room:*").split(",")
 MYAPP_PRESENCE_EVENTS = True
+MYAPP_METRICS_TOKEN = os.environ.get("MYAPP_METRICS_TOKEN") or None
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
 for _name, _type in (
     ("MYAPP_HEARTBEAT_SECONDS", float),

@@ -117,3 +117,45 @@ def check_settings(app_configs=None, **kwargs):
             )
         )
     return errors
+
+
+@checks.register(TAG)
+def check_metrics(app_configs=None, **kwargs):
+    token = setting("MYAPP_METRICS_TOKEN")
+    if token is None:
+        return []
+    if not isinstance(token, str) or not token or token != token.strip():
+        return [
+            checks.Error(
+                "MYAPP_METRICS_TOKEN must be None (metrics off) or a non-empty str without surrounding spaces.",
+                id="myapp.E010",
+            )
+        ]
+    errors = []
+    if len(token) < 16:
+        errors.append(checks.Warning("MYAPP_METRICS_TOKEN is shorter than 16 characters.", id="myapp.W003"))
+    try:
+        import prometheus_client  # noqa: F401 - only whether it is installed
+    except ImportError:
+        errors.append(
+            checks.Error(
+                "MYAPP_METRICS_TOKEN turns metrics on, but prometheus-client is not installed.",
+                hint='pip install "myapp-push[metrics]" (or prometheus-client), or unset MYAPP_METRICS_TOKEN.',
+                id="myapp.E011",
+            )
+        )
+        return errors
+    from myapp.metrics import multiprocess
+
+    if server_workers is not None and server_workers > 1 and not multiprocess():
+        errors.append(
+            checks.Error(
+                f"gunicorn runs {server_workers} workers, but prometheus-client runs in single-process mode: "
+                "/metrics would show only the worker that answers each scrape.",
+                hint="Start gunicorn.conf.py with 'from myapp.gunicorn import *' (it sets PROMETHEUS_MULTIPROC_DIR "
+                "before anything imports prometheus-client), or set PROMETHEUS_MULTIPROC_DIR in the server's "
+                "environment.",
+                id="myapp.E012",
+            )
+        )
+    return errors

@@ -67,6 +67,10 @@ DEFAULTS = {
     "MYAPP_PRESENCE_CHANNELS": [],
     # Publish presence.join / presence.leave events on those channels.
     "MYAPP_PRESENCE_EVENTS": False,
+    # Bearer token (str) a Prometheus scraper sends to GET /metrics
+    # ("Authorization: Bearer <token>"); None turns metrics off (/metrics
+    # answers 404 and nothing imports prometheus-client).
+    "MYAPP_METRICS_TOKEN": None,
 }
 
 

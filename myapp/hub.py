@@ -48,6 +48,7 @@ import uuid
 from collections import Counter
 
 from myapp.brokers.base import CONTROL_CHANNEL, HUB_CHANNEL_PREFIX
+from myapp.counters import Counters
 from myapp.exceptions import BrokerUnavailable
 from myapp.hangups import Hangups
 from myapp.link import BrokerLink
@@ -71,7 +72,7 @@ from myapp.subscription import (
     closing_frame,
 )
 
-__all__ = ["Hub", "TooManyStreams", "get_hub", "shutdown", "reset", "OVERFLOW", "SHUTDOWN", "DISCONNECTED"]
+__all__ = ["Hub", "TooManyStreams", "get_hub", "peek_hub", "shutdown", "reset", "OVERFLOW", "SHUTDOWN", "DISCONNECTED"]
 
 log = logging.getLogger("myapp.hub")
 
@@ -148,6 +149,7 @@ class Hub:
         self._stop = threading.Event()
         self._threads = []
         self.stopped = False
+        self.counters = Counters()  # plain ints, read by myapp.metrics
         self.link = BrokerLink(self)
         # Counted across workers and hosts: who is on presence channels, and
         # each user's streams for the per-user limit.
@@ -255,7 +257,9 @@ class Hub:
         if not self.available(timeout):
             raise BrokerUnavailable("the broker is unreachable; the hub is reconnecting")
         channels = tuple(dict.fromkeys(channels))
-        subscription = Subscription(channels, owner, queue_size=self.queue_size, lock=self._lock, leave=self._leave)
+        subscription = Subscription(
+            channels, owner, queue_size=self.queue_size, lock=self._lock, leave=self._leave, counters=self.counters
+        )
         link = self.link
         limited = owner is not None and self.max_streams_per_owner is not None
         elsewhere = self.presence.remote_streams(owner) if limited else 0
@@ -367,6 +371,7 @@ class Hub:
         with self._lock:
             if subscription.closed is not None:
                 return
+            self.counters.closed(reason)
             if subscription.owned and reason not in (DISCONNECTED, OVERFLOW, UNSUBSCRIBED):
                 subscription.last_words(closing_frame(reason, subscription.retry))
             owned = subscription.end(reason)
@@ -412,6 +417,7 @@ class Hub:
             for subscription, start, reset, events in plans:
                 if subscription.closed is None:
                     subscription.begin(start, reset, events)
+                    self.counters.started(reset, len(events))
                     self._activate(subscription)
 
     def reset_channels(self, channels, pos, *, backwards=False):
@@ -428,6 +434,7 @@ class Hub:
                 outcome = subscription.offer(reset)
                 if outcome is not None:
                     outcomes.append((subscription, outcome))
+            self.counters.reset(TRIMMED, len(victims) - len(outcomes))
         self._settle(outcomes)
 
     def dispatch(self, events):
@@ -596,6 +603,11 @@ def get_hub():
     replaced (``myapp.registry``).
     """
     return _hub.get()
+
+
+def peek_hub():
+    """Return this process's hub if one was built here (running or stopped), else None; builds nothing."""
+    return _hub.peek()
 
 
 def shutdown(reason=SHUTDOWN):

@@ -34,7 +34,8 @@ import sys
 import threading
 
 from myapp import sse
-from myapp.events import RESET_EVENT
+from myapp.counters import Counters
+from myapp.events import RESET_EVENT, Event
 from myapp.ids import format_id
 from myapp.sink import chunk
 
@@ -168,6 +169,8 @@ class Subscription:
         items and under which ``get`` parks when threads are real.
     leave: ``leave(subscription, reason)``, the hub's way out (called by
         ``close``).
+    counters: the hub's ``myapp.counters.Counters``, where ``offer`` counts
+        the events it writes or queues (None: counters of its own).
 
     ``start`` is the position the stream starts from (int) and ``reset``
     the reason it could not resume from its Last-Event-ID (a str), or None;
@@ -205,9 +208,10 @@ class Subscription:
         "_queue_size",
         "_lock",
         "_leave",
+        "_counters",
     )
 
-    def __init__(self, channels, owner, *, queue_size, lock, leave):
+    def __init__(self, channels, owner, *, queue_size, lock, leave, counters=None):
         self.channels = channels
         self.owner = owner
         self.start = 0
@@ -231,6 +235,7 @@ class Subscription:
         self._queue_size = queue_size
         self._lock = lock
         self._leave = leave
+        self._counters = Counters() if counters is None else counters
 
     # -- the stream's side ----------------------------------------------------
 
@@ -284,9 +289,9 @@ class Subscription:
         self._room = self._queue_size  # the replay's extra room is used up
         return tail, frames
 
-    def close(self):
-        """Leave the hub. Safe to call twice."""
-        self._leave(self, UNSUBSCRIBED)
+    def close(self, reason=UNSUBSCRIBED):
+        """Leave the hub, closed with ``reason`` (one of the reasons above). Safe to call twice."""
+        self._leave(self, reason)
 
     # -- the hub's side (call with the hub's lock held) -------------------------
 
@@ -326,6 +331,8 @@ class Subscription:
                 return DISCONNECTED
             self.pos = pos
             self.fresh = True
+            if type(item) is Event:
+                self._counters.direct += 1
             if sent < len(wire):
                 self._tail = wire[sent:]
                 if self.owned:
@@ -345,6 +352,8 @@ class Subscription:
         frames.append(wire)
         self.pos = pos
         self.fresh = True
+        if type(item) is Event:
+            self._counters.queued += 1
         if not self.owned:
             self._wake.set()
         return None

@@ -2,12 +2,14 @@
 
 - ``events/`` (``myapp:events``): the SSE stream;
 - ``api/events/`` (``myapp:publish``): the publish API;
-- ``healthz`` (``myapp:healthz``): this worker's hub, for load balancers.
+- ``healthz`` (``myapp:healthz``): this worker's hub, for load balancers;
+- ``metrics`` (``myapp:metrics``): Prometheus metrics of every worker, for a
+  scraper holding MYAPP_METRICS_TOKEN (404 while that is unset).
 """
 
 from django.urls import path
 
-from .views import api, events, health
+from .views import api, events, health, metrics
 
 app_name = "myapp"
 
@@ -15,4 +17,5 @@ urlpatterns = [
     path("events/", events.events, name="events"),
     path("api/events/", api.publish, name="publish"),
     path("healthz", health.healthz, name="healthz"),
+    path("metrics", metrics.metrics, name="metrics"),
 ]

@@ -124,6 +124,26 @@ def test_settings_checks(settings):
     ]
 
 
+def test_metrics_checks(settings, monkeypatch):
+    """A malformed or short metrics token, prometheus-client missing, or workers it cannot add up are flagged."""
+    settings.MYAPP_METRICS_TOKEN = None
+    assert checks.check_metrics() == [], "metrics off: nothing to check"
+    for bad in ("", " padded-token-0123456789 ", b"bytes-token-0123456789"):
+        settings.MYAPP_METRICS_TOKEN = bad
+        assert [error.id for error in checks.check_metrics()] == ["myapp.E010"]
+    settings.MYAPP_METRICS_TOKEN = "short"
+    assert [error.id for error in checks.check_metrics()] == ["myapp.W003"]
+    settings.MYAPP_METRICS_TOKEN = "a-long-enough-metrics-token"
+    monkeypatch.setattr(checks, "server_workers", 2)
+    (error,) = checks.check_metrics()
+    assert error.id == "myapp.E012" and "PROMETHEUS_MULTIPROC_DIR" in error.hint, "the tests run single-process"
+    monkeypatch.setattr(checks, "server_workers", 1)
+    assert checks.check_metrics() == []
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not installed
+    (error,) = checks.check_metrics()
+    assert error.id == "myapp.E011" and "myapp-push[metrics]" in error.hint
+
+
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MYAPP_", "DATABASE_URL", "WEB_CONCURRENCY"))}
     env.update(

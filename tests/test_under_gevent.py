@@ -18,6 +18,7 @@ import pytest
 BASE = Path(__file__).resolve().parent.parent
 FILES = ["tests/test_hub.py", "tests/test_stream.py", "tests/test_sink.py", "tests/test_control.py"]
 FILES.append("tests/test_presence.py")
+FILES.append("tests/test_counters.py")
 
 _RUN = """
 from gevent import monkey
