@@ -35,8 +35,8 @@ DEFAULTS = {
     "MYAPP_SEND_TIMEOUT_SECONDS": 30.0,
     # Channels one stream may carry.
     "MYAPP_MAX_CHANNELS_PER_STREAM": 10,
-    # Streams one logged-in user may hold in one worker process (each worker
-    # counts its own, so a user may hold this many per worker); None for no
+    # Streams one logged-in user may hold on every worker and host together
+    # (other hubs' counts come from the broker, myapp.presence); None for no
     # limit. Counted by user: streams opened with a subscription token and no
     # session are never counted, so a public board's shared token serves any
     # number of viewers.
