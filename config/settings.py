@@ -172,7 +172,7 @@ if _backend == "postgres":
 MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
 # Who is in each room, across workers and hosts (myapp.presence), with join/leave events.
-MYAPP_PRESENCE_CHANNELS = os.environ.get("MYAPP_PRESENCE_CHANNELS", "room:*").split(",")
+MYAPP_PRESENCE_CHANNELS = [p for p in os.environ.get("MYAPP_PRESENCE_CHANNELS", "room:*").split(",") if p]
 MYAPP_PRESENCE_EVENTS = True
 MYAPP_METRICS_TOKEN = os.environ.get("MYAPP_METRICS_TOKEN") or None
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).

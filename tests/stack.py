@@ -106,6 +106,8 @@ class LiveStack:
                 # Room for 64 KiB payloads plus their JSON envelope.
                 "MYAPP_PUBLISH_MAX_BODY_BYTES": "1048576",
                 "PYTHONUNBUFFERED": "1",
+                # Presence (and its join/leave events) only where a test asks for it.
+                "MYAPP_PRESENCE_CHANNELS": "room:presence-*",
             }
         )
         if mode == "redis":
