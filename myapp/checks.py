@@ -2,9 +2,7 @@
 
 import os
 
-from django.apps import apps
 from django.core import checks
-from django.db import connections
 
 from myapp.auth import get_authorizer
 from myapp.brokers import load_broker
@@ -52,36 +50,7 @@ def check_broker(app_configs=None, **kwargs):
                 id="myapp.E002",
             )
         )
-    app = getattr(broker, "required_app", None)
-    if app is not None and not apps.is_installed(app):
-        errors.append(
-            checks.Error(
-                f"{type(broker).__name__} keeps its history in the tables of the app {app!r}, "
-                "which is not in INSTALLED_APPS.",
-                hint=f'Add "{app}" to INSTALLED_APPS, then run "python manage.py migrate".',
-                id="myapp.E009",
-            )
-        )
-    alias = getattr(broker, "database", None)
-    if alias is not None:
-        if alias not in connections.settings:
-            errors.append(
-                checks.Error(
-                    f"The PostgreSQL broker uses database alias {alias!r}, which is not in DATABASES.",
-                    hint="Set MYAPP_BROKER OPTIONS 'database' to a PostgreSQL alias of DATABASES.",
-                    id="myapp.E003",
-                )
-            )
-        elif connections[alias].vendor != "postgresql":
-            errors.append(
-                checks.Error(
-                    f"The PostgreSQL broker needs a PostgreSQL database, but DATABASES[{alias!r}] "
-                    f"is {connections[alias].vendor}.",
-                    hint=f"Point DATABASES[{alias!r}] at PostgreSQL (django.db.backends.postgresql), "
-                    "or use the Redis broker.",
-                    id="myapp.E004",
-                )
-            )
+    errors.extend(broker.check())
     return errors
 
 

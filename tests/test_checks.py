@@ -9,7 +9,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from myapp import checks
-from myapp.brokers import load_broker
+from myapp.brokers import load_broker, postgres
 from myapp.exceptions import BrokerConfigurationError
 from tests.stack import free_port
 
@@ -93,16 +93,18 @@ class FakeConnections:
 def test_postgres_broker_needs_a_postgres_database(settings, monkeypatch, vendor, database, expected):
     """The PostgreSQL broker is flagged without a PostgreSQL database behind its alias."""
     settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {"database": database}}
-    monkeypatch.setattr(checks, "connections", FakeConnections(vendor))
+    monkeypatch.setattr(postgres, "connections", FakeConnections(vendor))
     assert [error.id for error in checks.check_broker()] == expected
 
 
 def test_postgres_broker_without_its_app_says_what_to_add(settings, monkeypatch):
     """The PostgreSQL broker without "myapp.brokers.postgres" installed is myapp.E009, naming the app to add."""
     settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.postgres.PostgresBroker"}
-    monkeypatch.setattr(checks, "connections", FakeConnections("postgresql"))
+    monkeypatch.setattr(postgres, "connections", FakeConnections("postgresql"))
     assert checks.check_broker() == [], "the test settings install the app"
-    monkeypatch.setattr(checks, "apps", type("Apps", (), {"is_installed": staticmethod(lambda name: False)}))
+    from django.apps import apps
+
+    monkeypatch.setattr(apps, "is_installed", lambda name: False)
     (error,) = checks.check_broker()
     assert error.id == "myapp.E009"
     assert error.hint == 'Add "myapp.brokers.postgres" to INSTALLED_APPS, then run "python manage.py migrate".'

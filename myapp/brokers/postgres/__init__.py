@@ -217,6 +217,42 @@ class PostgresBroker(Broker):
         if conn is not None:
             conn.close()
 
+    def check(self):
+        from django.apps import apps
+        from django.core import checks
+
+        errors = []
+        app = self.required_app
+        if not apps.is_installed(app):
+            errors.append(
+                checks.Error(
+                    f"{type(self).__name__} keeps its history in the tables of the app {app!r}, "
+                    "which is not in INSTALLED_APPS.",
+                    hint=f'Add "{app}" to INSTALLED_APPS, then run "python manage.py migrate".',
+                    id="myapp.E009",
+                )
+            )
+        alias = self.database
+        if alias not in connections.settings:
+            errors.append(
+                checks.Error(
+                    f"The PostgreSQL broker uses database alias {alias!r}, which is not in DATABASES.",
+                    hint="Set MYAPP_BROKER OPTIONS 'database' to a PostgreSQL alias of DATABASES.",
+                    id="myapp.E003",
+                )
+            )
+        elif connections[alias].vendor != "postgresql":
+            errors.append(
+                checks.Error(
+                    f"The PostgreSQL broker needs a PostgreSQL database, but DATABASES[{alias!r}] "
+                    f"is {connections[alias].vendor}.",
+                    hint=f"Point DATABASES[{alias!r}] at PostgreSQL (django.db.backends.postgresql), "
+                    "or use the Redis broker.",
+                    id="myapp.E004",
+                )
+            )
+        return errors
+
     def connection_params(self):
         """Return keyword arguments for ``psycopg.connect`` to the ``database`` alias's server."""
         params = connections[self.database].get_connection_params()
