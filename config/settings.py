@@ -183,6 +183,7 @@ for _name, _type in (
     ("MYAPP_SEND_TIMEOUT_SECONDS", float),
     ("MYAPP_STREAM_LIFETIME_SECONDS", float),
     ("MYAPP_MAX_STREAMS_PER_USER", int),
+    ("MYAPP_MAX_STREAMS_PER_WORKER", int),
     ("MYAPP_MAX_CHANNELS_PER_STREAM", int),
     ("MYAPP_PUBLISH_MAX_BODY_BYTES", int),
 ):

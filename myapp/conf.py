@@ -41,6 +41,11 @@ DEFAULTS = {
     # session are never counted, so a public board's shared token serves any
     # number of viewers.
     "MYAPP_MAX_STREAMS_PER_USER": 10,
+    # Streams one worker process may hold (then 503 + Retry-After, so a load
+    # balancer or the browser's retry finds another worker); None for no limit
+    # but the file descriptors. Adopted streams (myapp.adoption) do not count
+    # toward gunicorn's worker_connections.
+    "MYAPP_MAX_STREAMS_PER_WORKER": None,
     # Characters in a channel name.
     "MYAPP_MAX_CHANNEL_LENGTH": 128,
     # Characters in an event type.

@@ -72,7 +72,18 @@ from myapp.subscription import (
     closing_frame,
 )
 
-__all__ = ["Hub", "TooManyStreams", "get_hub", "peek_hub", "shutdown", "reset", "OVERFLOW", "SHUTDOWN", "DISCONNECTED"]
+__all__ = [
+    "Hub",
+    "TooManyStreams",
+    "WorkerFull",
+    "get_hub",
+    "peek_hub",
+    "shutdown",
+    "reset",
+    "OVERFLOW",
+    "SHUTDOWN",
+    "DISCONNECTED",
+]
 
 log = logging.getLogger("myapp.hub")
 
@@ -85,7 +96,11 @@ _HANGUP_POLL_SECONDS = 1.0
 
 
 class TooManyStreams(Exception):
-    """The owner (a user) already holds ``max_streams_per_owner`` streams in this process."""
+    """The owner (a user) already holds ``max_streams_per_owner`` streams (on every worker and host)."""
+
+
+class WorkerFull(Exception):
+    """This process already holds ``max_streams`` streams; another worker may take the stream."""
 
 
 class Hub:
@@ -107,6 +122,9 @@ class Hub:
         view, usually drops it first).
     presence_channels: fnmatch patterns of the channels whose presence is
         tracked (``myapp.presence``); presence_events: announce joins and leaves.
+    max_streams: streams this process may hold (int), or None for no limit:
+        adopted streams leave gunicorn's ``worker_connections``, so this is
+        what bounds a worker's streams besides its file-descriptor limit.
     """
 
     def __init__(
@@ -122,6 +140,7 @@ class Hub:
         send_timeout=30.0,
         presence_channels=(),
         presence_events=False,
+        max_streams=None,
     ):
         self.broker = broker
         self.heartbeat_interval = heartbeat_interval
@@ -131,6 +150,7 @@ class Hub:
         self.max_streams_per_owner = max_streams_per_owner
         self.reconnect_delay = reconnect_delay
         self.send_timeout = send_timeout
+        self.max_streams = max_streams
         self.pid = os.getpid()
         self.hub_channel = f"{HUB_CHANNEL_PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}"
 
@@ -264,6 +284,8 @@ class Hub:
         limited = owner is not None and self.max_streams_per_owner is not None
         elsewhere = self.presence.remote_streams(owner) if limited else 0
         with self._lock:
+            if self.max_streams is not None and len(self._subscriptions) >= self.max_streams:
+                raise WorkerFull(f"this worker holds {self.max_streams} streams (MYAPP_MAX_STREAMS_PER_WORKER)")
             if self.at_limit(owner, elsewhere):
                 raise TooManyStreams(f"at most {self.max_streams_per_owner} streams per user")
             confirmed = link.want(channels)
@@ -588,6 +610,7 @@ def _build_hub():
         send_timeout=conf.setting("MYAPP_SEND_TIMEOUT_SECONDS"),
         presence_channels=conf.setting("MYAPP_PRESENCE_CHANNELS"),
         presence_events=conf.setting("MYAPP_PRESENCE_EVENTS"),
+        max_streams=conf.setting("MYAPP_MAX_STREAMS_PER_WORKER"),
     ).start()
 
 

@@ -296,3 +296,16 @@ def test_broker_whose_order_went_back_resets_streams_and_skips_nothing(spy, hub_
     assert kinds == [("stream.reset", json.dumps({"reason": "trimmed"})), ("t", "after")]
     assert parse(messages[0].last_event_id) < seen, "the reset moves the browser's id back"
     assert messages[-1].last_event_id == format_id(after)
+
+
+def test_a_full_worker_refuses_new_streams(spy, hub_factory):
+    """max_streams bounds a hub's streams; one closing makes room again."""
+    from myapp.hub import WorkerFull
+
+    hub = hub_factory(spy, max_streams=2)
+    first = hub.subscribe(["room:a"])
+    hub.subscribe(["room:b"])
+    with pytest.raises(WorkerFull):
+        hub.subscribe(["room:c"])
+    first.close()
+    hub.subscribe(["room:c"])
