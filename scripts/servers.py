@@ -251,7 +251,7 @@ class EmbeddedSentinel:
 
     def master_address(self):
         """The primary's ``(host, port)`` as this Sentinel reports it."""
-        host, port = self.client().sentinel_get_master_addr_by_name(self.service_name)
+        host, port = self.client(decode_responses=True).sentinel_get_master_addr_by_name(self.service_name)
         return host, int(port)
 
     def stop(self, timeout=10.0):

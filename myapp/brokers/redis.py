@@ -8,7 +8,10 @@ Keys, under ``key_prefix`` (default ``"myapp:"``):
   stepped back or a failover to a replica with the stream);
 - ``epoch``: the position where this server's retained order begins (set
   with the first event after the server had no epoch: first use, or a
-  restart that lost its data);
+  restart that lost its data; with Sentinel, also when a new primary takes
+  over);
+- ``primary`` (Sentinel only): the address of the primary that wrote last,
+  as the Sentinels report it;
 - ``h:<channel>``: the channel's history, a Redis stream whose entry ids are
   the event positions, with fields ``t`` (event type), ``d`` (data) and ``p``
   (the channel's previous position, or ``epoch`` for its first event, to
@@ -39,12 +42,22 @@ docs/benchmarks for the measured cost per 1,000 events.
 Sentinel: with ``sentinels`` the broker asks Redis Sentinel for the current
 primary of ``service_name`` whenever it opens a connection (redis-py's
 ``redis.sentinel``), so publishers and each hub's listener follow a
-failover. See docs/brokers.md.
+failover. Replication is asynchronous: the replica that takes over may lack
+the newest events the old primary accepted (and hubs delivered), and
+nothing left knows which. So every connection, before its first command,
+compares the primary's address with ``primary``; the first one to find a
+different address starts a new ``epoch`` there. Positions from before it
+count as trimmed: open streams reset once when their hub reconnects, and a
+Last-Event-ID from before it resets (``trimmed``) instead of resuming past
+events that are gone. A primary restarted in place (same address) keeps its
+epoch, as without Sentinel. See docs/brokers.md.
 
 Sources: redis-py 8 (``BlockingConnectionPool``, ``redis.sentinel``), Redis
 docs for XADD (``MAXLEN ~``, ``*`` ids), XRANGE (exclusive ``(`` ranges need
 Redis >= 6.2), Redis Sentinel ("High availability with Redis Sentinel").
 """
+
+import logging
 
 import hiredis
 import redis
@@ -62,6 +75,8 @@ from .base import Broker, History, Listener, Subscribed
 from .options import positive_int, seconds, text
 
 __all__ = ["RedisBroker"]
+
+log = logging.getLogger("myapp.brokers.redis")
 
 # KEYS: ids, epoch. Returns the newest position, starting an epoch when the
 # server has none (first use, or a restart that lost the data).
@@ -102,6 +117,19 @@ if ARGV[4] ~= '0' then
 end
 redis.call('PUBLISH', ARGV[1], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return id
+"""
+
+
+# KEYS: ids, epoch, primary. ARGV: the address of the primary this connection reached.
+# Returns nil, or {previous address, new epoch} when a new primary took over.
+_PRIMARY = """
+local known = redis.call('GET', KEYS[3])
+if known == ARGV[1] then return nil end
+redis.call('SET', KEYS[3], ARGV[1])
+if not known or redis.call('EXISTS', KEYS[2]) == 0 then return nil end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'p', '')
+redis.call('SET', KEYS[2], id)
+return {known, id}
 """
 
 
@@ -231,6 +259,7 @@ class RedisBroker(Broker):
             self._sentinel = None
         else:
             self._connection_kwargs.update(_primary_options(url))
+            self._connection_kwargs["redis_connect_func"] = self._on_connect
             self._sentinel = self._sentinel_manager(sentinel_kwargs, connect_timeout)
             self._pool = self._sentinel.master_for(
                 self.service_name,
@@ -244,6 +273,29 @@ class RedisBroker(Broker):
         self._position_script = self._client.register_script(_POSITION)
         self._ttl_ms = str(int(self.history_ttl * 1000))
         self._head_keys = [self.prefix + "ids", self.prefix + "epoch"]
+        self._primary_keys = [*self._head_keys, self.prefix + "primary"]
+
+    def _on_connect(self, connection):
+        """Set up a new connection to the primary, starting an epoch if the primary changed (Sentinel mode).
+
+        Runs inside redis-py's ``connect``, before any command of the
+        connection's user, so nothing is read or published on a new primary
+        before its epoch. A RedisError here fails the connection.
+        """
+        connection.on_connect_check_health(check_health=False)
+        address = f"{connection.host}:{connection.port}"
+        connection.send_command("EVAL", _PRIMARY, 3, *self._primary_keys, address, check_health=False)
+        changed = connection.read_response()
+        if changed:
+            previous, epoch = (item.decode() for item in changed)
+            log.warning(
+                "Redis: the primary of %r moved from %s to %s; a new epoch starts at %s: events the old primary "
+                "had not replicated are gone, so streams from before it reset",
+                self.service_name,
+                previous,
+                address,
+                epoch,
+            )
 
     def _sentinel_manager(self, sentinel_kwargs, connect_timeout):
         """redis-py's ``Sentinel`` for ``self.sentinels`` (no I/O: it connects on first use)."""
