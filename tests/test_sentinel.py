@@ -273,6 +273,36 @@ def test_broker_follows_a_failover_and_what_replication_lost_counts_as_trimmed(c
     broker.close()
 
 
+@pytest.mark.e2e
+def test_planned_failover_moves_publishers_and_listeners_and_resets_once(cluster):
+    """SENTINEL FAILOVER ... COORDINATED: publishing pauses briefly, nothing is lost, and streams reset once."""
+    broker = RedisBroker(url="redis:///0", sentinels=cluster.addresses, key_prefix="t:", history_length=100_000)
+    collector = Collector(broker.listener("!hub:test"), "room:a")
+    first = broker.publish("room:a", "t", "first")
+    collector.wait_events(1)
+    cluster.sentinels[0].client().execute_command("SENTINEL", "FAILOVER", SERVICE, "COORDINATED")
+    started = time.monotonic()
+    refusals = []
+    accepted = [first]
+    with pytest.raises(BrokerUnavailable):
+        while time.monotonic() - started < 30:
+            accepted.append(_publish_when_possible(broker, "during", refusals))
+            collector.listener.wait(0.01)  # the demoted primary closes its clients' connections
+    wait_until(cluster.promoted, what="every Sentinel to name the new primary")
+    collector.listener.close()
+    again = Collector(broker.listener("!hub:test"), "room:a")
+    after = _publish_when_possible(broker, "after", refusals)
+    assert [event.pos for event in again.wait_events(1)] == [after]
+    again.listener.close()
+    history = broker.history(["room:a"], first)
+    assert history.trimmed == frozenset({"room:a"}), "the new primary cannot tell it has everything: reset once"
+    assert first < history.epoch < after
+    retained = {event.pos for event in history.events}
+    assert set(accepted[1:]) <= retained, "the replica had caught up: every accepted event is on the new primary"
+    print(f"planned failover: {len(refusals)} publishes refused, the slowest in {max(refusals, default=0):.3f} s")
+    broker.close()
+
+
 @pytest.fixture
 def patient_cluster(tmp_path):
     """A cluster whose Sentinels wait 5 s before they call the primary down, and whose servers persist."""
