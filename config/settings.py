@@ -6,6 +6,9 @@ Environment:
 - DATABASE_POOL_TIMEOUT: PostgreSQL only, seconds a request waits for a pooled
   connection before its 503 (or BrokerUnavailable); default 5.
 - REDIS_URL: the Redis/Valkey server for the Redis broker; default redis://127.0.0.1:6379/0.
+- REDIS_SENTINELS: comma-separated host:port of Redis Sentinels; set, the Redis broker asks
+  them for the primary (REDIS_URL then gives only its database, username, password, TLS).
+- REDIS_SENTINEL_SERVICE: the primary's name at the Sentinels; default mymaster.
 - MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
 - MYAPP_HISTORY_LENGTH: events the broker keeps per channel; default 1000.
 - DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
@@ -164,6 +167,13 @@ if _backend not in _BROKERS:
 
     raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
 MYAPP_BROKER = _BROKERS[_backend]
+if _backend == "redis" and os.environ.get("REDIS_SENTINELS"):
+    # "host:port,host:port" -> [[host, port], ...]; a bracketed IPv6 host keeps its colons.
+    MYAPP_BROKER["OPTIONS"]["sentinels"] = [
+        [host.strip("[]"), int(port)]
+        for host, _, port in (item.strip().rpartition(":") for item in os.environ["REDIS_SENTINELS"].split(","))
+    ]
+    MYAPP_BROKER["OPTIONS"]["service_name"] = os.environ.get("REDIS_SENTINEL_SERVICE", "mymaster")
 if "MYAPP_HISTORY_LENGTH" in os.environ:  # events kept per channel (the broker's history_length)
     MYAPP_BROKER["OPTIONS"]["history_length"] = int(os.environ["MYAPP_HISTORY_LENGTH"])
 if _backend == "postgres":
