@@ -24,7 +24,7 @@ class Profiler:
     long to sample (float). rate: samples per second.
     """
 
-    def __init__(self, pid, output, seconds, rate=100, native=False):
+    def __init__(self, pid, output, seconds, rate=500, native=False):
         self.output = Path(output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         py_spy = Path(sys.executable).parent / "py-spy"

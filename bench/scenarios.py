@@ -153,6 +153,29 @@ def _healthz(ctx, count, seconds):
     return latencies, errors
 
 
+def _gc_pauses(ctx, tries=40):
+    """Each worker's garbage-collection pauses so far, from /healthz (``myapp.gcwatch``): {pid: {generation: {...}}}.
+
+    /healthz is answered by whichever worker accepts the connection, so this
+    asks until every worker answered (or ``tries`` requests went by).
+    """
+    found = {}
+    workers = len(ctx.stack.workers_processes())
+    for _ in range(tries):
+        try:
+            connection = http.client.HTTPConnection(ctx.stack.host, ctx.stack.port, timeout=10)
+            connection.request("GET", "/healthz", headers={"Connection": "close"})
+            body = json.loads(connection.getresponse().read())
+            connection.close()
+        except (OSError, ValueError):
+            continue
+        gc_stats = body.get("gc") or {}
+        found[body["pid"]] = {name: value for name, value in gc_stats.items() if name.startswith("generation")}
+        if len(found) >= workers:
+            break
+    return found
+
+
 def _open_problems(opened, what="streams"):
     if opened["errors"]:
         failed = opened["attempted"] - opened["live"]
@@ -205,6 +228,7 @@ def hold(ctx, streams):
     if healthz_errors:
         problems.append(f"{healthz_errors} /healthz requests failed")
     settle_s = _settle(ctx)
+    gc_pauses = _gc_pauses(ctx)
     return {
         "scenario": "hold",
         "streams": streams,
@@ -223,6 +247,9 @@ def hold(ctx, streams):
         "healthz_errors": healthz_errors,
         "dropped_during_hold": status["ended"],
         "settle_s": settle_s,
+        # Since the workers started: the warm-up, this scenario's opening, idling and closing.
+        "gc_max_pause_ms": max((g["max_ms"] for worker in gc_pauses.values() for g in worker.values()), default=None),
+        "gc_pauses": gc_pauses,
         "problems": problems,
     }
 

@@ -2,6 +2,8 @@
 
 - ``job:<id>``: the job's owner only; GONE once the job has finished or failed
   (a page opened afterwards gets 204 and shows the stored result).
+- ``room:staff``: staff users only (revoking the flag and calling
+  ``myapp.control.unsubscribe(user, "room:staff")`` shows revocation at once);
 - ``room:<name>``: any logged-in user (a shared dashboard or chat room).
 - anything else: refused.
 """
@@ -21,6 +23,8 @@ def authorize_channel(request, channel):
         if job is None:
             return False
         return GONE if job.done else True
+    if channel == "room:staff":
+        return request.user.is_authenticated and request.user.is_staff
     if kind == "room":
         return request.user.is_authenticated
     return False

@@ -6,6 +6,9 @@ Environment:
 - DATABASE_POOL_TIMEOUT: PostgreSQL only, seconds a request waits for a pooled
   connection before its 503 (or BrokerUnavailable); default 5.
 - REDIS_URL: the Redis/Valkey server for the Redis broker; default redis://127.0.0.1:6379/0.
+- REDIS_SENTINELS: comma-separated host:port of Redis Sentinels; set, the Redis broker asks
+  them for the primary (REDIS_URL then gives only its database, username, password, TLS).
+- REDIS_SENTINEL_SERVICE: the primary's name at the Sentinels; default mymaster.
 - MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
 - MYAPP_BROKER_DATABASE_URL: postgres only, a PostgreSQL server of its own for the
   broker (database alias "broker"); default: the broker uses Django's database.
@@ -14,6 +17,7 @@ Environment:
 - MYAPP_HISTORY_LENGTH: events the broker keeps per channel; default 1000.
 - DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS (comma-separated).
 - MYAPP_PUBLISH_TOKENS: comma-separated bearer tokens for the publish API.
+- MYAPP_METRICS_TOKEN: the bearer token for /metrics; unset: metrics off (404).
 - IMPORT_STEP_SECONDS: seconds per step of the demo import job.
 """
 
@@ -173,6 +177,13 @@ if _backend not in _BROKERS:
 
     raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
 MYAPP_BROKER = _BROKERS[_backend]
+if _backend == "redis" and os.environ.get("REDIS_SENTINELS"):
+    # "host:port,host:port" -> [[host, port], ...]; a bracketed IPv6 host keeps its colons.
+    MYAPP_BROKER["OPTIONS"]["sentinels"] = [
+        [host.strip("[]"), int(port)]
+        for host, _, port in (item.strip().rpartition(":") for item in os.environ["REDIS_SENTINELS"].split(","))
+    ]
+    MYAPP_BROKER["OPTIONS"]["service_name"] = os.environ.get("REDIS_SENTINEL_SERVICE", "mymaster")
 if "MYAPP_HISTORY_LENGTH" in os.environ:  # events kept per channel (the broker's history_length)
     MYAPP_BROKER["OPTIONS"]["history_length"] = int(os.environ["MYAPP_HISTORY_LENGTH"])
 if _backend == "postgres":
@@ -182,6 +193,10 @@ if _backend == "postgres":
         MYAPP_BROKER["OPTIONS"]["database"] = "broker"
 MYAPP_CHANNEL_AUTHORIZER = "config.demo.authorize_channel"
 MYAPP_PUBLISH_TOKENS = [token for token in os.environ.get("MYAPP_PUBLISH_TOKENS", "").split(",") if token]
+# Who is in each room, across workers and hosts (myapp.presence), with join/leave events.
+MYAPP_PRESENCE_CHANNELS = [p for p in os.environ.get("MYAPP_PRESENCE_CHANNELS", "room:*").split(",") if p]
+MYAPP_PRESENCE_EVENTS = True
+MYAPP_METRICS_TOKEN = os.environ.get("MYAPP_METRICS_TOKEN") or None
 # Numeric MYAPP_* settings may come from the environment (see docs/settings.md).
 for _name, _type in (
     ("MYAPP_HEARTBEAT_SECONDS", float),
@@ -190,6 +205,7 @@ for _name, _type in (
     ("MYAPP_SEND_TIMEOUT_SECONDS", float),
     ("MYAPP_STREAM_LIFETIME_SECONDS", float),
     ("MYAPP_MAX_STREAMS_PER_USER", int),
+    ("MYAPP_MAX_STREAMS_PER_WORKER", int),
     ("MYAPP_MAX_CHANNELS_PER_STREAM", int),
     ("MYAPP_PUBLISH_MAX_BODY_BYTES", int),
 ):

@@ -52,36 +52,7 @@ def check_broker(app_configs=None, **kwargs):
                 id="myapp.E002",
             )
         )
-    app = getattr(broker, "required_app", None)
-    if app is not None and not apps.is_installed(app):
-        errors.append(
-            checks.Error(
-                f"{type(broker).__name__} keeps its history in the tables of the app {app!r}, "
-                "which is not in INSTALLED_APPS.",
-                hint=f'Add "{app}" to INSTALLED_APPS, then run "python manage.py migrate".',
-                id="myapp.E009",
-            )
-        )
-    alias = getattr(broker, "database", None)
-    if alias is not None:
-        if alias not in connections.settings:
-            errors.append(
-                checks.Error(
-                    f"The PostgreSQL broker uses database alias {alias!r}, which is not in DATABASES.",
-                    hint="Set MYAPP_BROKER OPTIONS 'database' to a PostgreSQL alias of DATABASES.",
-                    id="myapp.E003",
-                )
-            )
-        elif connections[alias].vendor != "postgresql":
-            errors.append(
-                checks.Error(
-                    f"The PostgreSQL broker needs a PostgreSQL database, but DATABASES[{alias!r}] "
-                    f"is {connections[alias].vendor}.",
-                    hint=f"Point DATABASES[{alias!r}] at PostgreSQL (django.db.backends.postgresql), "
-                    "or use the Redis broker.",
-                    id="myapp.E004",
-                )
-            )
+    errors.extend(broker.check())
     return errors
 
 
@@ -120,6 +91,48 @@ def check_settings(app_configs=None, **kwargs):
 
 
 @checks.register(TAG)
+def check_metrics(app_configs=None, **kwargs):
+    token = setting("MYAPP_METRICS_TOKEN")
+    if token is None:
+        return []
+    if not isinstance(token, str) or not token or token != token.strip():
+        return [
+            checks.Error(
+                "MYAPP_METRICS_TOKEN must be None (metrics off) or a non-empty str without surrounding spaces.",
+                id="myapp.E010",
+            )
+        ]
+    errors = []
+    if len(token) < 16:
+        errors.append(checks.Warning("MYAPP_METRICS_TOKEN is shorter than 16 characters.", id="myapp.W003"))
+    try:
+        import prometheus_client  # noqa: F401 - only whether it is installed
+    except ImportError:
+        errors.append(
+            checks.Error(
+                "MYAPP_METRICS_TOKEN turns metrics on, but prometheus-client is not installed.",
+                hint='pip install "myapp-push[metrics]" (or prometheus-client), or unset MYAPP_METRICS_TOKEN.',
+                id="myapp.E011",
+            )
+        )
+        return errors
+    from myapp.metrics import multiprocess
+
+    if server_workers is not None and server_workers > 1 and not multiprocess():
+        errors.append(
+            checks.Error(
+                f"gunicorn runs {server_workers} workers, but prometheus-client runs in single-process mode: "
+                "/metrics would show only the worker that answers each scrape.",
+                hint="Start gunicorn.conf.py with 'from myapp.gunicorn import *' (it sets PROMETHEUS_MULTIPROC_DIR "
+                "before anything imports prometheus-client), or set PROMETHEUS_MULTIPROC_DIR in the server's "
+                "environment.",
+                id="myapp.E012",
+            )
+        )
+    return errors
+
+
+@checks.register(TAG)
 def check_outbox(app_configs=None, **kwargs):
     """Durable publishing asked for without the outbox app; outbox settings a relay cannot use."""
     from myapp.outbox import APP
@@ -131,7 +144,7 @@ def check_outbox(app_configs=None, **kwargs):
                 f"MYAPP_DURABLE_PUBLISH = True writes every event to the outbox of the app {APP!r}, "
                 "which is not in INSTALLED_APPS.",
                 hint=f'Add "{APP}" to INSTALLED_APPS, then run "python manage.py migrate".',
-                id="myapp.E010",
+                id="myapp.E013",
             )
         ]
     if not installed:
@@ -141,12 +154,12 @@ def check_outbox(app_configs=None, **kwargs):
     errors = []
     aliases = setting("MYAPP_OUTBOX_DATABASES")
     if not isinstance(aliases, (list, tuple)) or not aliases or not all(isinstance(a, str) for a in aliases):
-        errors.append(checks.Error("MYAPP_OUTBOX_DATABASES must be a non-empty list of aliases.", id="myapp.E011"))
+        errors.append(checks.Error("MYAPP_OUTBOX_DATABASES must be a non-empty list of aliases.", id="myapp.E014"))
         aliases = []
     for alias in aliases:
         if alias not in connections.settings:
             errors.append(
-                checks.Error(f"MYAPP_OUTBOX_DATABASES names {alias!r}, which is not in DATABASES.", id="myapp.E011")
+                checks.Error(f"MYAPP_OUTBOX_DATABASES names {alias!r}, which is not in DATABASES.", id="myapp.E014")
             )
         elif connections[alias].vendor not in SOURCES:
             errors.append(
@@ -154,10 +167,10 @@ def check_outbox(app_configs=None, **kwargs):
                     f"The outbox relay reads PostgreSQL and SQLite databases; DATABASES[{alias!r}] "
                     f"is {connections[alias].vendor}.",
                     hint="Keep the outbox on a PostgreSQL or SQLite alias (MYAPP_OUTBOX_DATABASES).",
-                    id="myapp.E012",
+                    id="myapp.E015",
                 )
             )
     poll = setting("MYAPP_OUTBOX_POLL_SECONDS")
     if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll <= 0:
-        errors.append(checks.Error("MYAPP_OUTBOX_POLL_SECONDS must be a number of seconds > 0.", id="myapp.E013"))
+        errors.append(checks.Error("MYAPP_OUTBOX_POLL_SECONDS must be a number of seconds > 0.", id="myapp.E016"))
     return errors

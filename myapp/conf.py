@@ -35,12 +35,17 @@ DEFAULTS = {
     "MYAPP_SEND_TIMEOUT_SECONDS": 30.0,
     # Channels one stream may carry.
     "MYAPP_MAX_CHANNELS_PER_STREAM": 10,
-    # Streams one logged-in user may hold in one worker process (each worker
-    # counts its own, so a user may hold this many per worker); None for no
+    # Streams one logged-in user may hold on every worker and host together
+    # (other hubs' counts come from the broker, myapp.presence); None for no
     # limit. Counted by user: streams opened with a subscription token and no
     # session are never counted, so a public board's shared token serves any
     # number of viewers.
     "MYAPP_MAX_STREAMS_PER_USER": 10,
+    # Streams one worker process may hold (then 503 + Retry-After, so a load
+    # balancer or the browser's retry finds another worker); None for no limit
+    # but the file descriptors. Adopted streams (myapp.adoption) do not count
+    # toward gunicorn's worker_connections.
+    "MYAPP_MAX_STREAMS_PER_WORKER": None,
     # Characters in a channel name.
     "MYAPP_MAX_CHANNEL_LENGTH": 128,
     # Characters in an event type.
@@ -62,6 +67,15 @@ DEFAULTS = {
     "MYAPP_CORS_ALLOWED_ORIGINS": [],
     # Seconds a client is told to wait (Retry-After) on 503 and 429.
     "MYAPP_RETRY_AFTER_SECONDS": 5,
+    # Channels whose presence is tracked (who is connected, across workers and
+    # hosts: myapp.presence.presence), as fnmatch patterns, e.g. ["room:*"].
+    "MYAPP_PRESENCE_CHANNELS": [],
+    # Publish presence.join / presence.leave events on those channels.
+    "MYAPP_PRESENCE_EVENTS": False,
+    # Bearer token (str) a Prometheus scraper sends to GET /metrics
+    # ("Authorization: Bearer <token>"); None turns metrics off (/metrics
+    # answers 404 and nothing imports prometheus-client).
+    "MYAPP_METRICS_TOKEN": None,
     # Events one publish API batch (POST /api/events/batch/) may carry.
     "MYAPP_PUBLISH_MAX_BATCH_EVENTS": 100,
     # Whether send_event writes to the outbox (the app myapp.outbox) unless

@@ -14,6 +14,7 @@ __all__ = [
     "Event",
     "CHANNEL_CHARS",
     "RESERVED_PREFIX",
+    "PRESENCE_PREFIX",
     "CLOSE_EVENT",
     "OPEN_EVENT",
     "RESET_EVENT",
@@ -29,6 +30,8 @@ _CHANNEL = re.compile(r"[A-Za-z0-9_.:@=+\-]+")
 
 #: Event types starting with this prefix belong to the service.
 RESERVED_PREFIX = "stream."
+#: Event types starting with this are the hubs' presence announcements.
+PRESENCE_PREFIX = "presence."
 #: Event type that tells our page script to close its EventSource for good.
 #: Publishers may send it (e.g. after ``job.finished`` on a job's channel).
 CLOSE_EVENT = "stream.close"
@@ -157,8 +160,9 @@ def validate_event_type(event_type, *, max_length):
     """Raise InvalidEvent unless ``event_type`` may be published.
 
     1 to ``max_length`` characters, no CR, LF or NUL (WHATWG HTML 9.2.6; a
-    line break would inject fields, CWE-93), and not a reserved ``stream.``
-    type other than CLOSE_EVENT.
+    line break would inject fields, CWE-93), not a reserved ``stream.``
+    type other than CLOSE_EVENT, and not a ``presence.`` type (only hubs
+    announce presence, ``myapp.presence``).
     """
     _validate_field("event type", event_type, max_length)
     if event_type.startswith(RESERVED_PREFIX) and event_type != CLOSE_EVENT:
@@ -166,6 +170,8 @@ def validate_event_type(event_type, *, max_length):
             f"event types starting with {RESERVED_PREFIX!r} are reserved "
             f"(publishers may only send {CLOSE_EVENT!r}): {event_type!r}"
         )
+    if event_type.startswith(PRESENCE_PREFIX):
+        raise InvalidEvent(f"event types starting with {PRESENCE_PREFIX!r} are reserved for presence: {event_type!r}")
 
 
 def validate_key(key, *, max_length):

@@ -7,7 +7,7 @@ A host's whole configuration::
     worker_class = "gevent"
 
 Importing this module (gunicorn loads the config file in its arbiter, before
-any worker forks) imports no Django and does two things for every process
+any worker forks) imports no Django and does three things for every process
 that follows:
 
 - sets ``PSYCOPG_WAIT_FUNC=wait_poll`` unless already set: psycopg picks its
@@ -15,21 +15,34 @@ that follows:
   would block a whole worker; ``wait_poll`` looks ``select.poll`` up at call
   time, so it is cooperative whatever the import order;
 - raises the soft file-descriptor limit (``ulimit -n``) to the hard one:
-  every stream holds a socket.
+  every stream holds a socket;
+- sets ``PROMETHEUS_MULTIPROC_DIR`` unless already set, to a new private
+  temporary directory: prometheus-client chooses its multiprocess mode when
+  it is imported, and every worker must write to the same directory for
+  ``/metrics`` to add them up (``myapp.metrics``). With metrics off nothing
+  imports prometheus-client and the directory stays empty.
 
-and exports the worker hook ``post_worker_init`` (see its docstring). A host
-with a ``post_worker_init`` of its own calls ours from it.
+and exports the server hooks ``post_worker_init``, ``on_starting``,
+``child_exit`` and ``on_exit`` (see their docstrings). A host with a hook
+of the same name calls ours from it.
 """
 
 import os
 import resource
+import shutil
 import signal
+import tempfile
 
-__all__ = ["post_worker_init"]
-# A later `child_exit(server, worker)` hook (e.g. metrics: prometheus-client's
-# multiprocess.mark_process_dead(worker.pid)) belongs here and in __all__.
+__all__ = ["post_worker_init", "on_starting", "child_exit", "on_exit"]
 
 os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_poll")
+
+_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: The metrics directory this module created (removed by ``on_exit``), or
+#: None when the environment named one.
+_created_dir = None
+if not os.environ.get(_MULTIPROC_DIR):
+    _created_dir = os.environ[_MULTIPROC_DIR] = tempfile.mkdtemp(prefix="myapp-metrics-")
 
 
 def _raise_open_files_limit():
@@ -39,6 +52,46 @@ def _raise_open_files_limit():
 
 
 _raise_open_files_limit()
+
+
+def on_starting(server):
+    """Empty the metrics directory (PROMETHEUS_MULTIPROC_DIR) before the first worker starts.
+
+    Runs in the arbiter. Files of an earlier run would add its counts to
+    this run's, and its live gauges would never go away. Only
+    prometheus-client's files (``*.db``) are removed; a missing directory is
+    created.
+    """
+    path = os.environ.get(_MULTIPROC_DIR)
+    if not path:
+        return
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+
+
+def child_exit(server, worker):
+    """Mark an exited worker dead for the metrics: its gauges (open streams, ...) leave the sums.
+
+    Runs in the arbiter (prometheus-client's
+    ``multiprocess.mark_process_dead``). What its counters counted stays in
+    the totals. Does nothing without prometheus-client.
+    """
+    path = os.environ.get(_MULTIPROC_DIR)
+    if not path:
+        return
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(worker.pid, path)
+
+
+def on_exit(server):
+    """Remove the metrics directory this module created (never one the environment named)."""
+    if _created_dir is not None:
+        shutil.rmtree(_created_dir, ignore_errors=True)
 
 
 def post_worker_init(worker):
@@ -54,7 +107,13 @@ def post_worker_init(worker):
 
     The worker's WSGI application is wrapped so the hub adopts each stream's
     connection once its response has started (``myapp.adoption``): an idle
-    stream then holds no greenlet, request or response.
+    stream then holds no greenlet, request or response. Every object alive
+    at that point is frozen out of the garbage collector's full passes, and
+    collections are timed (``myapp.gcwatch``, reported by ``/healthz``).
+
+    With metrics on (MYAPP_METRICS_TOKEN), the worker builds its hub at once
+    and moves the hub's counters into the metrics every second
+    (``myapp.metrics.start``).
 
     With the app ``myapp.outbox`` installed (and MYAPP_OUTBOX_RELAY_IN_WORKERS
     on), the worker also runs the outbox relay in a greenlet of its own
@@ -71,6 +130,7 @@ def post_worker_init(worker):
     from gunicorn.workers.ggevent import GeventWorker
 
     from myapp import checks as myapp_checks
+    from myapp import gcwatch, metrics
     from myapp.adoption import adopting
 
     if not isinstance(worker, GeventWorker):
@@ -86,6 +146,11 @@ def post_worker_init(worker):
     if problems:
         raise SystemExit(3)
     worker.wsgi = adopting(worker.wsgi, ALREADY_HANDLED)
+    metrics.start()  # with MYAPP_METRICS_TOKEN set: this worker's hub counters reach /metrics every second
+    # What is alive now lives as long as the worker: keep it out of every
+    # full collection, and time the collections that remain (/healthz).
+    gcwatch.install()
+    gcwatch.freeze()
     from myapp.outbox import runner as outbox
 
     outbox.start_in_worker()  # the outbox relay, when the app myapp.outbox is installed
@@ -99,6 +164,7 @@ def post_worker_init(worker):
             from myapp import hub
 
             hub.shutdown()
+            metrics.sync()  # the streams just closed count before the worker exits
 
         # Not inside the signal handler: it may have interrupted code holding
         # the hub's lock.

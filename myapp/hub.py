@@ -39,27 +39,32 @@ how far the broker's order has reached, so heartbeats move idle streams'
 last event id forward.
 """
 
+import json
 import logging
 import os
-import random
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 
-from myapp.brokers.base import HUB_CHANNEL_PREFIX, Subscribed, Trimmed
+from myapp.brokers.base import CONTROL_CHANNEL, HUB_CHANNEL_PREFIX
+from myapp.counters import Counters
 from myapp.exceptions import BrokerUnavailable
 from myapp.hangups import Hangups
+from myapp.link import BrokerLink
+from myapp.presence import Tracker
 from myapp.registry import ProcessLocal
-from myapp.resume import TRIMMED, holes, replay, start_position
+from myapp.resume import TRIMMED
 from myapp.sink import Sink
 from myapp.subscription import (
     BACKLOGGED,
+    DISCONNECT,
     DISCONNECTED,
     HUB_STOPPED,
     LIFETIME,
     OVERFLOW,
     SHUTDOWN,
+    UNSUBSCRIBE,
     UNSUBSCRIBED,
     Heartbeat,
     Reset,
@@ -67,7 +72,18 @@ from myapp.subscription import (
     closing_frame,
 )
 
-__all__ = ["Hub", "TooManyStreams", "get_hub", "shutdown", "reset", "OVERFLOW", "SHUTDOWN", "DISCONNECTED"]
+__all__ = [
+    "Hub",
+    "TooManyStreams",
+    "WorkerFull",
+    "get_hub",
+    "peek_hub",
+    "shutdown",
+    "reset",
+    "OVERFLOW",
+    "SHUTDOWN",
+    "DISCONNECTED",
+]
 
 log = logging.getLogger("myapp.hub")
 
@@ -80,7 +96,11 @@ _HANGUP_POLL_SECONDS = 1.0
 
 
 class TooManyStreams(Exception):
-    """The owner (a user) already holds ``max_streams_per_owner`` streams in this process."""
+    """The owner (a user) already holds ``max_streams_per_owner`` streams (on every worker and host)."""
+
+
+class WorkerFull(Exception):
+    """This process already holds ``max_streams`` streams; another worker may take the stream."""
 
 
 class Hub:
@@ -100,6 +120,11 @@ class Hub:
     send_timeout: seconds an owned stream's socket may stay full before the
         stream is dropped (on TCP the kernel's TCP_USER_TIMEOUT, set by the
         view, usually drops it first).
+    presence_channels: fnmatch patterns of the channels whose presence is
+        tracked (``myapp.presence``); presence_events: announce joins and leaves.
+    max_streams: streams this process may hold (int), or None for no limit:
+        adopted streams leave gunicorn's ``worker_connections``, so this is
+        what bounds a worker's streams besides its file-descriptor limit.
     """
 
     def __init__(
@@ -113,6 +138,9 @@ class Hub:
         max_streams_per_owner=None,
         reconnect_delay=(0.1, 5.0),
         send_timeout=30.0,
+        presence_channels=(),
+        presence_events=False,
+        max_streams=None,
     ):
         self.broker = broker
         self.heartbeat_interval = heartbeat_interval
@@ -122,40 +150,43 @@ class Hub:
         self.max_streams_per_owner = max_streams_per_owner
         self.reconnect_delay = reconnect_delay
         self.send_timeout = send_timeout
+        self.max_streams = max_streams
         self.pid = os.getpid()
         self.hub_channel = f"{HUB_CHANNEL_PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}"
 
         self._lock = threading.Lock()
         self._channels = {}  # channel -> set of active Subscriptions (those receiving live events)
-        self._refs = Counter()  # channel -> subscriptions that want it (active or pending)
         self._subscriptions = set()  # every open subscription
-        self._pending = []  # subscriptions waiting for confirmation and their replay
         self._owners = Counter()
-        self._confirmed = set()  # channels the broker confirmed on this connection
-        self._inflight = {}  # channel -> SUBSCRIBE commands sent but not yet confirmed
-        self._to_subscribe = set()
-        self._to_unsubscribe = set()
-        self._position = 0
-        self._positioned = False
+        self.position = 0  # the newest broker position dispatched (int)
         slices = max(1, round(heartbeat_interval / HEARTBEAT_SLICE_SECONDS))
         self._slices = [set() for _ in range(slices)]
         self._next_slice = 0
         self._hangups = Hangups()
         self._watched = {}  # Subscription -> fd watched for its client's hang-up
+        self._adopted = 0  # open subscriptions whose connection the hub owns
 
-        self._listener = None
-        self._connected = threading.Event()
-        self._attempted = threading.Event()  # set once the first connection attempt ended
         self._stop = threading.Event()
         self._threads = []
-        self.outage_started = None  # time.monotonic() of the current outage, or None
         self.stopped = False
+        self.counters = Counters()  # plain ints, read by myapp.metrics
+        self.link = BrokerLink(self)
+        # Counted across workers and hosts: who is on presence channels, and
+        # each user's streams for the per-user limit.
+        self.presence = Tracker(
+            broker,
+            self.hub_channel,
+            patterns=presence_channels,
+            events=presence_events,
+            per_user=max_streams_per_owner is not None,
+            ttl=2 * heartbeat_interval,
+        )
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self):
         """Start the listener, heartbeat and hang-up threads (greenlets under gevent). Return self."""
-        targets = [(self._run, "myapp-hub"), (self._heartbeats, "myapp-heartbeat")]
+        targets = [(self.link.run, "myapp-hub"), (self._heartbeats, "myapp-heartbeat")]
         if self._hangups.available:
             targets.append((self._watch_hangups, "myapp-hangups"))
         for target, name in targets:
@@ -168,18 +199,22 @@ class Hub:
         """Close every subscription with ``reason`` and stop the hub's threads."""
         self.stopped = True
         self._stop.set()
-        listener = self._listener
-        if listener is not None:
-            listener.wakeup()
+        self.link.wakeup()
         with self._lock:
             subscriptions = list(self._subscriptions)
         for subscription in subscriptions:
             self._leave(subscription, reason)
+        self._write_presence(force=True)  # best effort: other hosts stop counting these streams now
 
     @property
     def connected(self):
         """True while the broker connection is up."""
-        return self._connected.is_set()
+        return self.link.connected
+
+    @property
+    def outage_started(self):
+        """``time.monotonic()`` when the current broker outage began, or None."""
+        return self.link.outage_started
 
     def available(self, timeout=None):
         """Return True if the broker connection is up.
@@ -188,23 +223,30 @@ class Hub:
         while the hub makes its first connection; during an outage it answers
         False at once.
         """
-        if self._connected.is_set():
-            return True
-        if not self.stopped and self.outage_started is None:
-            self._attempted.wait(self.subscribe_timeout if timeout is None else timeout)
-        return self._connected.is_set()
+        return self.link.available(self.subscribe_timeout if timeout is None else timeout)
 
-    def at_limit(self, owner):
-        """Return True if ``owner`` already holds ``max_streams_per_owner`` streams here."""
+    def at_limit(self, owner, elsewhere=None):
+        """Return True if ``owner`` already holds ``max_streams_per_owner`` streams, on every worker and host.
+
+        elsewhere: the owner's streams on other hubs if already read, else
+        None (read from the broker: ``myapp.presence``; raise
+        BrokerUnavailable if it cannot answer).
+        """
         limit = self.max_streams_per_owner
-        return owner is not None and limit is not None and self._owners[owner] >= limit
+        if owner is None or limit is None:
+            return False
+        if elsewhere is None:
+            elsewhere = self.presence.remote_streams(owner)
+        return self._owners[owner] + elsewhere >= limit
 
     def stats(self):
-        """Return a dict of counts: streams, channels, watched (sockets watched for hang-ups), connected."""
+        """Return a dict of counts: streams, adopted (streams whose connection the hub owns), channels,
+        watched (sockets watched for hang-ups), connected."""
         with self._lock:
             return {
                 "streams": len(self._subscriptions),
-                "channels": len(self._refs),
+                "adopted": self._adopted,
+                "channels": self.link.channels,
                 "watched": len(self._hangups),
                 "connected": self.connected,
             }
@@ -235,35 +277,35 @@ class Hub:
         if not self.available(timeout):
             raise BrokerUnavailable("the broker is unreachable; the hub is reconnecting")
         channels = tuple(dict.fromkeys(channels))
-        subscription = Subscription(channels, owner, queue_size=self.queue_size, lock=self._lock, leave=self._leave)
+        subscription = Subscription(
+            channels, owner, queue_size=self.queue_size, lock=self._lock, leave=self._leave, counters=self.counters
+        )
+        link = self.link
+        limited = owner is not None and self.max_streams_per_owner is not None
+        elsewhere = self.presence.remote_streams(owner) if limited else 0
         with self._lock:
-            if self.at_limit(owner):
+            if self.max_streams is not None and len(self._subscriptions) >= self.max_streams:
+                raise WorkerFull(f"this worker holds {self.max_streams} streams (MYAPP_MAX_STREAMS_PER_WORKER)")
+            if self.at_limit(owner, elsewhere):
                 raise TooManyStreams(f"at most {self.max_streams_per_owner} streams per user")
-            for channel in channels:
-                self._refs[channel] += 1
-                if self._refs[channel] == 1:
-                    if channel in self._to_unsubscribe:
-                        self._to_unsubscribe.discard(channel)
-                    elif channel not in self._confirmed and channel not in self._inflight:
-                        self._to_subscribe.add(channel)
+            confirmed = link.want(channels)
             self._subscriptions.add(subscription)
             if owner is not None:
                 self._owners[owner] += 1
-            confirmed = all(channel in self._confirmed for channel in channels)
             if not last_event_id and confirmed:
                 # Fresh, on channels already held: every event after the hub's
                 # position reaches it live, so it needs no replay.
-                subscription.begin(self._position, None)
+                subscription.begin(self.position, None)
                 self._activate(subscription)
             else:
-                self._pending.append((subscription, last_event_id))
-            # The hub must act now only to send a SUBSCRIBE or to replay for
+                link.pend(subscription, last_event_id)
+            # The listener must act now only to send a SUBSCRIBE or to replay for
             # confirmed channels; a confirmation still on its way wakes it anyway
             # (so a storm of streams on one new channel is one wake-up, not one each).
-            wake = confirmed or bool(self._to_subscribe)
+            wake = confirmed or link.must_subscribe
         if not subscription.ready.is_set():
             if wake:
-                self._wakeup()
+                link.wakeup()
             if not subscription.ready.wait(max(0.0, deadline - time.monotonic())):
                 self._leave(subscription, UNSUBSCRIBED)
                 raise BrokerUnavailable(f"the broker did not confirm the subscription within {timeout} s")
@@ -312,6 +354,7 @@ class Hub:
             if fd is not None:
                 self._watched[subscription] = fd
             outcome = subscription.adopt(Sink(sock, chunked=chunked), retry=retry, deadline=deadline)
+            self._adopted += 1
         self._settle([(subscription, outcome)] if outcome is not None else ())
         return True
 
@@ -338,6 +381,7 @@ class Hub:
         subscription.slot = self._next_slice
         self._slices[self._next_slice].add(subscription)
         self._next_slice = (self._next_slice + 1) % len(self._slices)
+        self.presence.joined(subscription)
         subscription.ready.set()
 
     def _leave(self, subscription, reason):
@@ -349,161 +393,62 @@ class Hub:
         with self._lock:
             if subscription.closed is not None:
                 return
+            self.counters.closed(reason)
             if subscription.owned and reason not in (DISCONNECTED, OVERFLOW, UNSUBSCRIBED):
                 subscription.last_words(closing_frame(reason, subscription.retry))
             owned = subscription.end(reason)
+            if owned is not None:
+                self._adopted -= 1
             self._subscriptions.discard(subscription)
             fd = self._watched.pop(subscription, None)
             if fd is not None:
                 self._hangups.forget(fd)
             if subscription.slot is not None:
                 self._slices[subscription.slot].discard(subscription)
+                self.presence.left(subscription)
             owner = subscription.owner
             if owner is not None:
                 self._owners[owner] -= 1
                 if self._owners[owner] <= 0:
                     del self._owners[owner]
-            wake = False
             for channel in subscription.channels:
                 holders = self._channels.get(channel)
                 if holders is not None:
                     holders.discard(subscription)
                     if not holders:
                         del self._channels[channel]
-                self._refs[channel] -= 1
-                if self._refs[channel] <= 0:
-                    del self._refs[channel]
-                    if channel in self._to_subscribe:
-                        self._to_subscribe.discard(channel)
-                    else:
-                        self._to_unsubscribe.add(channel)
-                        wake = True
+            wake = self.link.release(subscription.channels)
         if owned is not None:
             owned.sock.close()
             callback, subscription.on_end = subscription.on_end, None
             if callback is not None:
                 callback()
         if wake:
-            self._wakeup()
+            self.link.wakeup()
 
-    def _wakeup(self):
-        listener = self._listener
-        if listener is not None:
-            listener.wakeup()
+    # -- fan-out (called by the link, without the lock) --------------------------
 
-    # -- the listener thread ----------------------------------------------------
+    def active_channels(self):
+        """The channels that have active streams (set of str)."""
+        with self._lock:
+            return set(self._channels)
 
-    def _run(self):
-        delay = self.reconnect_delay[0]
-        try:
-            while not self._stop.is_set():
-                try:
-                    self._connect()
-                    delay = self.reconnect_delay[0]
-                    self._serve()
-                except BrokerUnavailable as error:
-                    self._lost(error)
-                except Exception as error:  # noqa: BLE001 - a bug must not end the fan-out for good
-                    log.exception("hub: unexpected error; reconnecting")
-                    self._lost(error)
-                if self._stop.wait(delay * random.uniform(0.5, 1.0)):
-                    break
-                delay = min(delay * 2, self.reconnect_delay[1])
-        finally:
-            self._drop_listener()
-            if not self.stopped:
-                log.error("hub: listener thread ended; closing all streams")
-                self.stop()
+    def start_all(self, plans):
+        """Start subscriptions: plans are (subscription, start, reset reason or None, replay events)."""
+        with self._lock:
+            for subscription, start, reset, events in plans:
+                if subscription.closed is None:
+                    subscription.begin(start, reset, events)
+                    self.counters.started(reset, len(events))
+                    self._activate(subscription)
 
-    def _lost(self, error):
-        self._connected.clear()
-        self._attempted.set()
-        self._drop_listener()
-        if self.outage_started is None:
-            self.outage_started = time.monotonic()
-            log.warning("hub: broker connection lost (%s); reconnecting", error)
-        else:
-            log.debug("hub: reconnection failed (%s)", error)
+    def reset_channels(self, channels, pos, *, backwards=False):
+        """Offer a TRIMMED reset at ``pos`` to every active stream on ``channels``.
 
-    def _drop_listener(self):
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-
-    def _connect(self):
-        broker = self.broker
-        listener = broker.listener(self.hub_channel)
-        try:
-            if not self._positioned:
-                # The first connection starts from the broker's newest position;
-                # later ones catch up from the last position dispatched.
-                self._position = broker.last_position()
-                self._positioned = True
-            with self._lock:
-                channels = list(self._refs)
-                self._confirmed.clear()
-                self._to_subscribe.clear()
-                self._to_unsubscribe.clear()
-                self._inflight = dict.fromkeys(channels, 1)
-            buffered = []
-            caught_up = 0
-            if channels:
-                listener.subscribe(channels)
-                deadline = time.monotonic() + self.subscribe_timeout
-                while self._inflight:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BrokerUnavailable(f"re-subscription not confirmed within {self.subscribe_timeout} s")
-                    for item in listener.wait(remaining):
-                        if type(item) is Subscribed:
-                            self._confirm(item.channel)
-                        else:
-                            buffered.append(item)  # after the catch-up, in order
-                caught_up = self._catch_up([channel for channel in channels if channel in self._channels])
-            self._listener = listener
-        except BaseException:
-            listener.close()
-            raise
-        self._connected.set()
-        self._attempted.set()
-        if self.outage_started is not None:
-            log.warning(
-                "hub: broker connection recovered after %.1f s; re-subscribed %d channels, replayed %d events",
-                time.monotonic() - self.outage_started,
-                len(channels),
-                caught_up,
-            )
-            self.outage_started = None
-        for item in buffered:
-            self._handle(item)
-        self._activate_pending()
-
-    def _catch_up(self, channels):
-        """Dispatch what the active streams' channels missed while the hub was away; return how many events.
-
-        Streams on a channel with a hole get a reset first, positioned at the
-        broker's head read before the history: every event up to it is in the
-        history the reset covers, every later one still reaches them.
+        backwards: ``pos`` may be below what the streams sent (the broker's
+        order went back, ``myapp.link.BrokerLink._check_order``).
         """
-        if not channels:
-            return 0
-        head = max(self._position, self.broker.last_position())
-        history = self.broker.history(channels, self._position)
-        lost = holes(history, self._position, channels)
-        if lost:
-            log.warning(
-                "hub: %d channels lost events while the broker was unreachable%s; their streams reset",
-                len(lost),
-                " (the broker lost its data)" if history.epoch > self._position else "",
-            )
-            self._reset_channels(lost, head)
-        for event in history.events:
-            self._dispatch(event)
-        return len(history.events)
-
-    def _reset_channels(self, channels, pos):
-        """Offer a TRIMMED reset at ``pos`` to every active stream on ``channels``."""
-        reset = Reset(TRIMMED, pos)
+        reset = Reset(TRIMMED, pos, backwards=backwards)
         outcomes = []
         with self._lock:
             victims = {sub for channel in channels for sub in self._channels.get(channel, ())}
@@ -511,135 +456,68 @@ class Hub:
                 outcome = subscription.offer(reset)
                 if outcome is not None:
                     outcomes.append((subscription, outcome))
+            self.counters.reset(TRIMMED, len(victims) - len(outcomes))
         self._settle(outcomes)
 
-    def _serve(self):
-        listener = self._listener
-        interval = self.heartbeat_interval
-        next_marker = time.monotonic() + interval
-        marker_sent = None
-        while not self._stop.is_set():
-            self._flush(listener)
-            if self._pending:
-                self._activate_pending()
-            now = time.monotonic()
-            if now >= next_marker:
-                listener.publish_marker()
-                if marker_sent is None:
-                    marker_sent = now
-                next_marker = now + interval
-            if marker_sent is not None and now - marker_sent > self.liveness_timeout:
-                raise BrokerUnavailable(f"no marker came back within {self.liveness_timeout} s")
-            timeout = next_marker - now
-            if marker_sent is not None:
-                timeout = min(timeout, marker_sent + self.liveness_timeout - now)
-            for item in listener.wait(max(timeout, 0.0)):
-                if type(item) is Subscribed:
-                    self._confirm(item.channel)
-                else:
-                    if item.channel == self.hub_channel:
-                        marker_sent = None
-                    self._handle(item)
-
-    def _handle(self, item):
-        if type(item) is Trimmed:
-            # The event at item.pos cannot be read any more: its streams skip it after a reset.
-            self._reset_channels([item.channel], max(item.pos, self._position))
-        else:
-            self._dispatch(item)
-
-    def _flush(self, listener):
-        with self._lock:
-            if not self._to_subscribe and not self._to_unsubscribe:
-                return
-            subscribe, self._to_subscribe = list(self._to_subscribe), set()
-            unsubscribe, self._to_unsubscribe = list(self._to_unsubscribe), set()
-            self._confirmed.difference_update(unsubscribe)
-            for channel in subscribe:
-                self._inflight[channel] = self._inflight.get(channel, 0) + 1
-        if unsubscribe:
-            listener.unsubscribe(unsubscribe)
-        if subscribe:
-            listener.subscribe(subscribe)
-
-    def _confirm(self, channel):
-        with self._lock:
-            count = self._inflight.get(channel)
-            if count is None:
-                return
-            if count > 1:
-                self._inflight[channel] = count - 1
-                return
-            del self._inflight[channel]
-            if channel in self._refs:
-                self._confirmed.add(channel)
-
-    def _activate_pending(self):
-        """Start every pending subscription whose channels are confirmed: its replay first, then live events.
-
-        One ``last_position`` and one ``history`` call serve the whole batch.
-        """
-        with self._lock:
-            confirmed = self._confirmed
-            waiting, ready = [], []
-            for entry in self._pending:
-                if entry[0].closed is None:
-                    (ready if all(channel in confirmed for channel in entry[0].channels) else waiting).append(entry)
-            self._pending = waiting
-            if not ready:
-                return
-        try:
-            # Channels are confirmed: every event after this head arrives live,
-            # and the history read below covers the head up to the read.
-            broker = self.broker
-            head = max(self._position, broker.last_position())
-            ttl_ms = broker.history_ttl * 1000
-            starts = [start_position(last_event_id, head=head, ttl_ms=ttl_ms) for _, last_event_id in ready]
-            channels = {channel for sub, _ in ready for channel in sub.channels}
-            history = broker.history(channels, min(start for start, _ in starts))
-        except BaseException:
-            with self._lock:
-                self._pending.extend(ready)  # retried after the reconnection
-            raise
-        by_channel = defaultdict(list)
-        for event in history.events:
-            by_channel[event.channel].append(event)
-        with self._lock:
-            for (sub, _), (start, reset) in zip(ready, starts, strict=True):
-                if sub.closed is not None:
-                    continue
-                events = replay(sub.channels, by_channel, start, history.epoch)
-                if events is None:
-                    start, reset = head, TRIMMED
-                    events = replay(sub.channels, by_channel, start, history.epoch)
-                sub.begin(start, reset, events)
-                self._activate(sub)
-
-    def _dispatch(self, event):
-        """Offer ``event`` to every subscription on its channel."""
+    def dispatch(self, events):
+        """Offer each of ``events`` (ascending positions) to every subscription on its channel, under one lock."""
         outcomes = None
-        pos = event.pos
+        controls = None
         with self._lock:
-            if pos <= self._position:
-                return  # already dispatched (history and live overlap after a reconnect)
-            self._position = pos
-            holders = self._channels.get(event.channel)
-            if holders:
-                for subscription in holders:
-                    outcome = subscription.offer(event)
-                    if outcome is not None:
-                        outcomes = outcomes or []
-                        outcomes.append((subscription, outcome))
+            channels = self._channels
+            for event in events:
+                pos = event.pos
+                if pos <= self.position:
+                    continue  # already dispatched (history and live overlap after a reconnect)
+                self.position = pos
+                holders = channels.get(event.channel)
+                if holders:
+                    for subscription in holders:
+                        outcome = subscription.offer(event)
+                        if outcome is not None:
+                            outcomes = outcomes or []
+                            outcomes.append((subscription, outcome))
+                elif event.channel == CONTROL_CHANNEL:
+                    controls = controls or []
+                    controls.append(event)
         if outcomes:
             self._settle(outcomes)
+        if controls:
+            for event in controls:
+                self._control(event)
+
+    def _control(self, event):
+        """Apply a control message (``myapp.control``): end the streams of one owner, or those carrying a channel."""
+        try:
+            message = json.loads(event.data)
+            action, owner, channel = message["action"], str(message["owner"]), message.get("channel")
+        except (ValueError, TypeError, KeyError):
+            log.warning("hub: ignoring a malformed control message %r", event.data[:200])
+            return
+        if action not in (DISCONNECT, UNSUBSCRIBE):
+            log.warning("hub: ignoring an unknown control action %r", action)
+            return
+        with self._lock:
+            victims = [
+                sub
+                for sub in self._subscriptions
+                if sub.owner is not None and str(sub.owner) == owner and (channel is None or channel in sub.channels)
+            ]
+        for subscription in victims:
+            self._leave(subscription, action)
+        if victims:
+            log.info("hub: %s ended %d streams of user %s", action, len(victims), owner)
 
     # -- heartbeats and hang-ups ----------------------------------------------
 
     def _heartbeats(self):
         """Every slice interval, offer a heartbeat to one slice of the active streams.
 
-        The same pass ends streams past their lifetime, and owned streams
-        whose socket stayed full for longer than ``send_timeout``.
+        A stream that was handed an event since its slice's last turn needs
+        none (its connection carried bytes and its last event id moved), so a
+        stream hears something at least every two heartbeat intervals. The
+        same pass ends streams past their lifetime, and owned streams whose
+        socket stayed full for longer than ``send_timeout``.
         """
         step = self.heartbeat_interval / len(self._slices)
         index = 0
@@ -648,7 +526,7 @@ class Hub:
                 outcomes = []
                 now = time.monotonic()
                 with self._lock:
-                    beat = Heartbeat(self._position)
+                    beat = Heartbeat(self.position)
                     for subscription in self._slices[index]:
                         deadline = subscription.deadline
                         if deadline is not None and now > deadline:
@@ -658,16 +536,33 @@ class Hub:
                         if stalled is not None and now - stalled > self.send_timeout:
                             outcomes.append((subscription, DISCONNECTED))
                             continue
+                        if subscription.fresh:
+                            subscription.fresh = False  # it had bytes since its last heartbeat: none needed
+                            continue
                         outcome = subscription.offer(beat)
+                        subscription.fresh = False  # the heartbeat itself does not count
                         if outcome is not None:
                             outcomes.append((subscription, outcome))
                 index = (index + 1) % len(self._slices)
                 if outcomes:
                     self._settle(outcomes)
+                self._write_presence()
         finally:
             if not self.stopped:
                 log.error("hub: heartbeat thread ended; closing all streams")
                 self.stop()
+
+    def _write_presence(self, force=False):
+        """Write what changed in this hub's presence and stream counts, and renew its liveness when due."""
+        tracker = self.presence
+        now = time.monotonic()
+        if not tracker.active or not (force or tracker.due(now, self.heartbeat_interval)):
+            return
+        with self._lock:
+            entries = tracker.take(now)
+        if not tracker.write(entries, now):
+            with self._lock:
+                tracker.requeue(entries)
 
     def _watch_hangups(self):
         """Close each stream whose client closed its connection; write owned streams' backlogs when they drain."""
@@ -713,6 +608,9 @@ def _build_hub():
         subscribe_timeout=conf.setting("MYAPP_SUBSCRIBE_TIMEOUT_SECONDS"),
         max_streams_per_owner=conf.setting("MYAPP_MAX_STREAMS_PER_USER"),
         send_timeout=conf.setting("MYAPP_SEND_TIMEOUT_SECONDS"),
+        presence_channels=conf.setting("MYAPP_PRESENCE_CHANNELS"),
+        presence_events=conf.setting("MYAPP_PRESENCE_EVENTS"),
+        max_streams=conf.setting("MYAPP_MAX_STREAMS_PER_WORKER"),
     ).start()
 
 
@@ -728,6 +626,11 @@ def get_hub():
     replaced (``myapp.registry``).
     """
     return _hub.get()
+
+
+def peek_hub():
+    """Return this process's hub if one was built here (running or stopped), else None; builds nothing."""
+    return _hub.peek()
 
 
 def shutdown(reason=SHUTDOWN):

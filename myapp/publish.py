@@ -12,7 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 
-from myapp import outbox
+from myapp import metrics, outbox
 from myapp.brokers import get_broker
 from myapp.conf import setting
 from myapp.events import CLOSE_EVENT, validate_channel, validate_event_type, validate_key, validate_text
@@ -148,7 +148,8 @@ def send_event(channel, event_type, data, *, id=None, raw=False, using=None, dur
     broker = get_broker()
 
     def publish():
-        return broker.publish(channel, event_type, text, idempotency_key=id)
+        with metrics.publishing():
+            return broker.publish(channel, event_type, text, idempotency_key=id)
 
     if transaction.get_connection(using).in_atomic_block:
         transaction.on_commit(publish, using=using)

@@ -32,7 +32,7 @@ import time
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
 from myapp.ids import format_id
-from myapp.subscription import DISCONNECTED, closing_frame
+from myapp.subscription import DISCONNECTED, LIFETIME, closing_frame
 
 __all__ = ["open_stream", "Stream"]
 
@@ -205,6 +205,7 @@ def _frames(stream, first, retry, lifetime):
                 try:
                     stream._sink.sendall(tail)
                 except OSError:
+                    subscription.close(DISCONNECTED)
                     return
             if frames:
                 out.extend(frames)
@@ -218,7 +219,8 @@ def _frames(stream, first, retry, lifetime):
                 yield b"".join(out)
                 return
             if deadline is not None and time.monotonic() > deadline:
-                out.append(closing_frame("lifetime", retry))
+                subscription.close(LIFETIME)
+                out.append(closing_frame(LIFETIME, retry))
                 yield b"".join(out)
                 return
             if out:

@@ -34,7 +34,8 @@ import sys
 import threading
 
 from myapp import sse
-from myapp.events import RESET_EVENT
+from myapp.counters import Counters
+from myapp.events import RESET_EVENT, Event
 from myapp.ids import format_id
 from myapp.sink import chunk
 
@@ -51,6 +52,9 @@ __all__ = [
     "UNSUBSCRIBED",
     "DISCONNECTED",
     "LIFETIME",
+    "DISCONNECT",
+    "UNSUBSCRIBE",
+    "END_EVENT",
     "BACKLOGGED",
     "closing_frame",
 ]
@@ -63,6 +67,13 @@ HUB_STOPPED = "hub stopped"
 UNSUBSCRIBED = "unsubscribed"  # the stream itself left (its response ended)
 DISCONNECTED = "disconnected"  # the client closed the connection, or a write found it gone
 LIFETIME = "lifetime"  # MYAPP_STREAM_LIFETIME_SECONDS passed: the browser reconnects and is authorized again
+DISCONNECT = "disconnect"  # myapp.control.disconnect(user): the page stops listening
+UNSUBSCRIBE = "unsubscribe"  # myapp.control.unsubscribe(user, channel): the page reconnects, authorized again
+
+#: Event type of the last event of a stream a control message ended (data
+#: ``{"reason": "disconnect" | "unsubscribe", "reconnect": bool}``): push.js
+#: stops for good when ``reconnect`` is false.
+END_EVENT = "stream.end"
 
 #: What ``offer`` returns for an owned stream whose socket is full: the hub
 #: then waits for it to be writable and calls ``flush``.
@@ -91,7 +102,15 @@ _HEARTBEAT_CHUNK = chunk(HEARTBEAT)
 
 
 def closing_frame(reason, retry):
-    """The last block of a stream that ends for ``reason`` (str): a comment, the ``retry`` (ms, or None), no data."""
+    """The last block of a stream that ends for ``reason`` (str), with the ``retry`` (ms, or None).
+
+    A comment ``closing: <reason>`` in a data-less block (the browser
+    reconnects and resumes), except after a control message: then a
+    ``stream.end`` event the page script acts on.
+    """
+    if reason in (DISCONNECT, UNSUBSCRIBE):
+        data = json.dumps({"reason": reason, "reconnect": reason == UNSUBSCRIBE})
+        return sse.encode(data, comment=f"closing: {reason}", event=END_EVENT, retry=retry)
     return sse.encode(comment=f"closing: {reason}", event=POSITION_EVENT, retry=retry)
 
 
@@ -121,19 +140,22 @@ class Reset:
 
     Written as a ``stream.reset`` event (data ``{"reason": ...}``, id
     ``pos``) whatever the stream has sent: the page reloads its state, and
-    the stream skips everything at or before ``pos``.
+    the stream skips everything at or before ``pos``. ``backwards`` lets
+    ``pos`` move the stream's position down (the broker's order went back,
+    see ``myapp.hub.Hub._check_order``); otherwise it never moves down.
     """
 
-    __slots__ = ("reason", "pos", "frame", "chunk")
+    __slots__ = ("reason", "pos", "frame", "chunk", "backwards")
 
-    def __init__(self, reason, pos):
+    def __init__(self, reason, pos, *, backwards=False):
         self.reason = reason
         self.pos = pos
+        self.backwards = backwards
         self.frame = sse.encode(json.dumps({"reason": reason}), event=RESET_EVENT, id=format_id(pos))
         self.chunk = chunk(self.frame)
 
     def wire(self, sent, chunked):
-        return (self.chunk if chunked else self.frame), max(sent, self.pos)
+        return (self.chunk if chunked else self.frame), (self.pos if self.backwards else max(sent, self.pos))
 
 
 class Subscription:
@@ -147,6 +169,8 @@ class Subscription:
         items and under which ``get`` parks when threads are real.
     leave: ``leave(subscription, reason)``, the hub's way out (called by
         ``close``).
+    counters: the hub's ``myapp.counters.Counters``, where ``offer`` counts
+        the events it writes or queues (None: counters of its own).
 
     ``start`` is the position the stream starts from (int) and ``reset``
     the reason it could not resume from its Last-Event-ID (a str), or None;
@@ -174,6 +198,7 @@ class Subscription:
         "deadline",
         "retry",
         "backlog_since",
+        "fresh",
         "on_end",
         "_sink",
         "_tail",
@@ -183,9 +208,10 @@ class Subscription:
         "_queue_size",
         "_lock",
         "_leave",
+        "_counters",
     )
 
-    def __init__(self, channels, owner, *, queue_size, lock, leave):
+    def __init__(self, channels, owner, *, queue_size, lock, leave, counters=None):
         self.channels = channels
         self.owner = owner
         self.start = 0
@@ -200,6 +226,7 @@ class Subscription:
         self.retry = None  # milliseconds, sent in the last block of an owned stream
         self.backlog_since = None  # time.monotonic() since an owned stream's socket has been full
         self.on_end = None  # called (no arguments) by the hub once an owned stream has ended
+        self.fresh = False  # handed an event since its last heartbeat turn (the hub skips that heartbeat)
         self._sink = None  # ``direct`` while parked in get(), else None
         self._tail = None  # bytes a direct write left unsent (framed for the wire)
         self._frames = []
@@ -208,6 +235,7 @@ class Subscription:
         self._queue_size = queue_size
         self._lock = lock
         self._leave = leave
+        self._counters = Counters() if counters is None else counters
 
     # -- the stream's side ----------------------------------------------------
 
@@ -261,9 +289,9 @@ class Subscription:
         self._room = self._queue_size  # the replay's extra room is used up
         return tail, frames
 
-    def close(self):
-        """Leave the hub. Safe to call twice."""
-        self._leave(self, UNSUBSCRIBED)
+    def close(self, reason=UNSUBSCRIBED):
+        """Leave the hub, closed with ``reason`` (one of the reasons above). Safe to call twice."""
+        self._leave(self, reason)
 
     # -- the hub's side (call with the hub's lock held) -------------------------
 
@@ -302,6 +330,9 @@ class Subscription:
             except OSError:
                 return DISCONNECTED
             self.pos = pos
+            self.fresh = True
+            if type(item) is Event:
+                self._counters.direct += 1
             if sent < len(wire):
                 self._tail = wire[sent:]
                 if self.owned:
@@ -320,6 +351,9 @@ class Subscription:
             return OVERFLOW
         frames.append(wire)
         self.pos = pos
+        self.fresh = True
+        if type(item) is Event:
+            self._counters.queued += 1
         if not self.owned:
             self._wake.set()
         return None

@@ -3,12 +3,14 @@
 - ``events/`` (``myapp:events``): the SSE stream;
 - ``api/events/`` (``myapp:publish``): the publish API;
 - ``api/events/batch/`` (``myapp:publish-batch``): the publish API for a list of events;
-- ``healthz`` (``myapp:healthz``): this worker's hub, for load balancers.
+- ``healthz`` (``myapp:healthz``): this worker's hub, for load balancers;
+- ``metrics`` (``myapp:metrics``): Prometheus metrics of every worker, for a
+  scraper holding MYAPP_METRICS_TOKEN (404 while that is unset).
 """
 
 from django.urls import path
 
-from .views import api, events, health
+from .views import api, events, health, metrics
 
 app_name = "myapp"
 
@@ -17,4 +19,5 @@ urlpatterns = [
     path("api/events/", api.publish, name="publish"),
     path("api/events/batch/", api.publish_batch, name="publish-batch"),
     path("healthz", health.healthz, name="healthz"),
+    path("metrics", metrics.metrics, name="metrics"),
 ]

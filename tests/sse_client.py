@@ -108,6 +108,35 @@ class SSEParser:
         return message
 
 
+class ChunkedDecoder:
+    """A strict decoder of HTTP/1.1 chunked transfer coding (RFC 9112 7.1): raises on any framing error.
+
+    ``ended`` turns True at the last chunk (size 0, no trailer): the response ended cleanly.
+    """
+
+    def __init__(self):
+        self.buffer = b""
+        self.ended = False
+
+    def feed(self, data):
+        self.buffer += data
+        out = []
+        while not self.ended:
+            head, sep, rest = self.buffer.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(head, 16)  # ValueError on garbage
+            if len(rest) < size + 2:
+                break
+            if rest[size : size + 2] != b"\r\n":
+                raise ValueError(f"chunk of {size} bytes not followed by CRLF: {rest[: size + 2]!r}")
+            out.append(rest[:size])
+            self.buffer = rest[size + 2 :]
+            if size == 0:
+                self.ended = True
+        return b"".join(out)
+
+
 def parse_all(raw):
     """Parse a whole stream (bytes) and return its messages."""
     return SSEParser().feed(raw)

@@ -18,6 +18,13 @@ BASE = Path(__file__).resolve().parent.parent
 PASSWORD = "correct-horse-battery"
 PUBLISH_TOKEN = "test-publish-token-0123456789abcdef"
 USERS = ("alice", "bob", "carol")
+CREATE_USERS = """
+from django.contrib.auth import get_user_model
+for username in {users!r}:
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    user.set_password({password!r})
+    user.save()
+"""
 
 
 def free_port():
@@ -26,19 +33,55 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def create_database(postgres):
+    """Create a new database on ``postgres`` (an EmbeddedPostgres or the like); return its URL."""
+    import psycopg
+
+    dbname = "stack_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{dbname}"')
+    return postgres.url(dbname)
+
+
 class LiveStack:
     """gunicorn with gevent workers and the task worker, on a free port.
 
     mode: "redis" (Redis broker + SQLite) or "postgres" (PostgreSQL for
     everything, in a database of its own on ``postgres``; with
     ``MYAPP_BROKER_DATABASE_URL`` in ``env`` the broker uses that server instead).
+    database_url: Django's database instead of the stack's own (SQLite in
+        ``directory``, or a new database on ``postgres``): several stacks on
+        one database and one broker are hosts of one site.
+    secret_key: DJANGO_SECRET_KEY (default: one of the stack's own); hosts of
+        one site share it.
+    prepare: migrate and create the USERS at start (False: a host joining a
+        database another stack prepared).
+    task_worker: start ``manage.py db_worker`` beside gunicorn.
     """
 
-    def __init__(self, directory, *, mode, redis_url=None, postgres=None, workers=2, heartbeat=1.0, env=None):
+    def __init__(
+        self,
+        directory,
+        *,
+        mode,
+        redis_url=None,
+        postgres=None,
+        database_url=None,
+        secret_key=None,
+        prepare=True,
+        task_worker=True,
+        workers=2,
+        heartbeat=1.0,
+        env=None,
+    ):
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.mode = mode
+        self.prepare = prepare
+        self.task_worker = task_worker
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.address}"
         self.env = {
             key: value
             for key, value in os.environ.items()
@@ -49,8 +92,8 @@ class LiveStack:
                 # The demo's real settings (pytest's tests.settings add the PostgreSQL broker's app).
                 "DJANGO_SETTINGS_MODULE": "config.settings",
                 "MYAPP_VAR_DIR": str(self.directory),
-                "DJANGO_SECRET_KEY": "live-stack-" + uuid.uuid4().hex,
-                "GUNICORN_BIND": f"127.0.0.1:{self.port}",
+                "DJANGO_SECRET_KEY": secret_key or "live-stack-" + uuid.uuid4().hex,
+                "GUNICORN_BIND": self.address,
                 "WEB_CONCURRENCY": str(workers),
                 "GUNICORN_GRACEFUL_TIMEOUT": "10",
                 "IMPORT_STEP_SECONDS": "0.05",
@@ -64,21 +107,19 @@ class LiveStack:
                 # Room for 64 KiB payloads plus their JSON envelope.
                 "MYAPP_PUBLISH_MAX_BODY_BYTES": "1048576",
                 "PYTHONUNBUFFERED": "1",
+                # Presence (and its join/leave events) only where a test asks for it.
+                "MYAPP_PRESENCE_CHANNELS": "room:presence-*",
             }
         )
         if mode == "redis":
             self.env["REDIS_URL"] = redis_url
-            self.env["DATABASE_URL"] = f"sqlite:///{self.directory / 'db.sqlite3'}"
+            self.env["DATABASE_URL"] = database_url or f"sqlite:///{self.directory / 'db.sqlite3'}"
         else:
-            import psycopg
-
-            dbname = "stack_" + uuid.uuid4().hex[:10]
-            with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
-                connection.execute(f'CREATE DATABASE "{dbname}"')
-            self.env["DATABASE_URL"] = postgres.url(dbname)
+            self.env["DATABASE_URL"] = database_url or create_database(postgres)
         self.env.update(env or {})
         self.gunicorn = None
         self.worker = None
+        self._frozen = []
         self.log = self.directory / "stack.log"
 
     def manage(self, *args, check=True):
@@ -99,13 +140,19 @@ class LiveStack:
         if self.env.get("MYAPP_BROKER_DATABASE_URL"):
             self.manage("migrate", "--noinput", "-v", "0", "--database", "broker")
 
-    def __enter__(self):
+    def prepare_database(self):
+        """Migrate the stack's database(s) and create the USERS (with PASSWORD)."""
         self.migrate()
-        for user in USERS:
-            self.manage("demo_user", "--username", user, "--password", PASSWORD)
+        # One process for all users (what `manage.py demo_user` does for one): each start of Django costs a second.
+        self.manage("shell", "-c", CREATE_USERS.format(users=USERS, password=PASSWORD))
+
+    def __enter__(self):
+        if self.prepare:
+            self.prepare_database()
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in __exit__
         self.start_gunicorn()
-        self.start_worker()
+        if self.task_worker:
+            self.start_worker()
         return self
 
     def start_gunicorn(self):
@@ -156,6 +203,53 @@ class LiveStack:
         except psutil.NoSuchProcess:
             return []
 
+    def signal_host(self, sig):
+        """Send ``sig`` to gunicorn's master, then to each of its workers; return their pids in that order."""
+        pids = [self.gunicorn.pid, *self.worker_pids()]
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def crash(self):
+        """Kill gunicorn's master and workers with SIGKILL, as a host that dies: nothing ends its streams.
+
+        The master goes first, so it cannot start new workers. Return once all are dead.
+        """
+        pids = self.signal_host(signal.SIGKILL)
+        self.gunicorn.wait()
+
+        def dead(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # reparented, not reaped yet
+            except psutil.NoSuchProcess:
+                return True
+
+        deadline = time.monotonic() + 10
+        while not all(dead(pid) for pid in pids[1:]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn workers {pids[1:]} outlived SIGKILL")
+            time.sleep(0.01)
+
+    def freeze(self):
+        """Stop gunicorn's master and workers (SIGSTOP), as a host that hangs or drops off the network.
+
+        Its connections stay open and silent: the kernel still accepts new
+        ones into the listen backlog, and nothing answers. ``thaw`` undoes it.
+        """
+        self._frozen = self.signal_host(signal.SIGSTOP)
+
+    def thaw(self):
+        """Let a frozen host go on (SIGCONT), workers first."""
+        for pid in reversed(self._frozen):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._frozen = []
+
     def serving_worker(self, client):
         """The pid of the worker holding ``client``'s connection (an SSEClient)."""
         for pid in self.worker_pids():
@@ -201,6 +295,7 @@ class LiveStack:
             process.wait()
 
     def __exit__(self, *exc_info):
+        self.thaw()
         self.stop_process(self.worker)
         self.stop_process(self.gunicorn)
         self._log_file.close()

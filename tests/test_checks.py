@@ -9,7 +9,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from myapp import checks
-from myapp.brokers import load_broker
+from myapp.brokers import load_broker, postgres
 from myapp.exceptions import BrokerConfigurationError
 from tests.stack import free_port
 
@@ -93,16 +93,18 @@ class FakeConnections:
 def test_postgres_broker_needs_a_postgres_database(settings, monkeypatch, vendor, database, expected):
     """The PostgreSQL broker is flagged without a PostgreSQL database behind its alias."""
     settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {"database": database}}
-    monkeypatch.setattr(checks, "connections", FakeConnections(vendor))
+    monkeypatch.setattr(postgres, "connections", FakeConnections(vendor))
     assert [error.id for error in checks.check_broker()] == expected
 
 
 def test_postgres_broker_without_its_app_says_what_to_add(settings, monkeypatch):
     """The PostgreSQL broker without "myapp.brokers.postgres" installed is myapp.E009, naming the app to add."""
     settings.MYAPP_BROKER = {"BACKEND": "myapp.brokers.postgres.PostgresBroker"}
-    monkeypatch.setattr(checks, "connections", FakeConnections("postgresql"))
+    monkeypatch.setattr(postgres, "connections", FakeConnections("postgresql"))
     assert checks.check_broker() == [], "the test settings install the app"
-    monkeypatch.setattr(checks, "apps", type("Apps", (), {"is_installed": staticmethod(lambda name: False)}))
+    from django.apps import apps
+
+    monkeypatch.setattr(apps, "is_installed", lambda name: False)
     (error,) = checks.check_broker()
     assert error.id == "myapp.E009"
     assert error.hint == 'Add "myapp.brokers.postgres" to INSTALLED_APPS, then run "python manage.py migrate".'
@@ -122,6 +124,26 @@ def test_settings_checks(settings):
         "myapp.W001",
         "myapp.W002",
     ]
+
+
+def test_metrics_checks(settings, monkeypatch):
+    """A malformed or short metrics token, prometheus-client missing, or workers it cannot add up are flagged."""
+    settings.MYAPP_METRICS_TOKEN = None
+    assert checks.check_metrics() == [], "metrics off: nothing to check"
+    for bad in ("", " padded-token-0123456789 ", b"bytes-token-0123456789"):
+        settings.MYAPP_METRICS_TOKEN = bad
+        assert [error.id for error in checks.check_metrics()] == ["myapp.E010"]
+    settings.MYAPP_METRICS_TOKEN = "short"
+    assert [error.id for error in checks.check_metrics()] == ["myapp.W003"]
+    settings.MYAPP_METRICS_TOKEN = "a-long-enough-metrics-token"
+    monkeypatch.setattr(checks, "server_workers", 2)
+    (error,) = checks.check_metrics()
+    assert error.id == "myapp.E012" and "PROMETHEUS_MULTIPROC_DIR" in error.hint, "the tests run single-process"
+    monkeypatch.setattr(checks, "server_workers", 1)
+    assert checks.check_metrics() == []
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not installed
+    (error,) = checks.check_metrics()
+    assert error.id == "myapp.E011" and "myapp-push[metrics]" in error.hint
 
 
 def _env(tmp_path, **extra):

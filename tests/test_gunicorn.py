@@ -25,14 +25,38 @@ def test_importing_the_hooks_imports_no_django():
     """gunicorn loads the config in its arbiter: importing myapp.gunicorn must not import Django or gevent."""
     code = (
         "import os, sys, resource; os.environ.pop('PSYCOPG_WAIT_FUNC', None)\n"
+        "os.environ.pop('PROMETHEUS_MULTIPROC_DIR', None)\n"
         "import myapp.gunicorn as g\n"
-        "loaded = [m for m in sys.modules if m.split('.')[0] in ('django', 'gevent', 'psycopg')]\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('django', 'gevent', 'psycopg', 'prometheus_client')]\n"
         "assert not loaded, loaded\n"
-        "assert g.__all__ == ['post_worker_init']\n"
+        "assert g.__all__ == ['post_worker_init', 'on_starting', 'child_exit', 'on_exit']\n"
+        "path = os.environ['PROMETHEUS_MULTIPROC_DIR']; assert os.path.isdir(path) and os.listdir(path) == []\n"
+        "assert os.stat(path).st_mode & 0o077 == 0, 'private'\n"
         "assert os.environ['PSYCOPG_WAIT_FUNC'] == 'wait_poll'\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); assert soft == hard, (soft, hard)\n"
+        "g.on_exit(None); assert not os.path.exists(path), 'the directory it made is removed'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=BASE, check=True, timeout=60)
+
+
+def test_metrics_hooks_empty_the_directory_at_start_and_mark_exited_workers(tmp_path):
+    """on_starting removes an earlier run's files; child_exit drops an exited worker's live gauges only."""
+    path = tmp_path / "metrics"
+    code = (
+        "import os, types\n"
+        "import myapp.gunicorn as g\n"
+        f"path = {str(path)!r}; assert os.environ['PROMETHEUS_MULTIPROC_DIR'] == path\n"
+        "g.on_starting(None); assert os.listdir(path) == [], 'created'\n"
+        "for name in ('counter_7.db', 'gauge_livesum_7.db', 'notes.txt'): open(os.path.join(path, name), 'w').close()\n"
+        "g.on_starting(None); assert os.listdir(path) == ['notes.txt'], 'only prometheus-client files go'\n"
+        "for name in ('counter_7.db', 'gauge_livesum_7.db', 'gauge_livemin_7.db', 'gauge_livesum_8.db'):\n"
+        "    open(os.path.join(path, name), 'w').close()\n"
+        "g.child_exit(None, types.SimpleNamespace(pid=7))\n"
+        "assert sorted(os.listdir(path)) == ['counter_7.db', 'gauge_livesum_8.db', 'notes.txt'], os.listdir(path)\n"
+        "g.on_exit(None); assert os.path.isdir(path), 'a directory the environment named stays'\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)}
+    subprocess.run([sys.executable, "-c", code], cwd=BASE, env=env, check=True, timeout=60)
 
 
 @pytest.fixture

@@ -30,7 +30,9 @@ class SpyBroker(MemoryBroker):
         return listener
 
     def data_commands(self):
-        return [(verb, channels) for verb, channels in self.commands if not channels[0].startswith("!hub")]
+        """The commands for stream channels (the hub's own and the control channel left out)."""
+        commands = [(verb, [c for c in channels if not c.startswith("!")]) for verb, channels in self.commands]
+        return [(verb, channels) for verb, channels in commands if channels]
 
 
 class SpyListener(MemoryListener):
@@ -79,7 +81,7 @@ def test_channel_subscribed_once_and_dropped_with_last_subscriber(spy, hub_facto
     second.close()
     wait_until(lambda: len(spy.data_commands()) == 3, what="the unsubscribe")
     assert spy.data_commands()[-1] == ("unsubscribe", ["room:a", "room:b"])
-    assert hub.stats() == {"streams": 0, "channels": 0, "watched": 0, "connected": True}
+    assert hub.stats() == {"streams": 0, "adopted": 0, "channels": 0, "watched": 0, "connected": True}
 
 
 def test_resubscribe_after_unsubscribe_waits_for_a_fresh_confirmation(spy, hub_factory):
@@ -266,3 +268,44 @@ def test_process_hub_is_created_once_under_a_burst(memory_broker):
     for thread in threads:
         thread.join()
     assert len({id(hub) for hub in hubs}) == 1
+
+
+def test_broker_whose_order_went_back_resets_streams_and_skips_nothing(spy, hub_factory, monkeypatch):
+    """A broker that lost writes the hub saw (a failover to a lagging replica): streams reset, then get new events."""
+    from myapp.brokers import memory
+    from myapp.ids import SEQ_BITS, milliseconds
+
+    hub = hub_factory(spy, reconnect_delay=(0.05, 0.2), heartbeat_interval=30)
+    sub = hub.subscribe(["room:a"])
+    seen = spy.publish("room:a", "t", "seen")
+    receive(sub, "seen")
+    spy.refuse.set()
+    spy.listeners[-1].cut()
+    wait_until(lambda: not hub.connected, what="the hub to notice")
+    # The replica that takes over never got the last writes, and its clock is 50 ms behind.
+    behind = milliseconds(seen) - 50
+    spy._last = behind << SEQ_BITS
+    spy._channels["room:a"].clear()
+    monkeypatch.setattr(memory.time, "time", lambda: behind / 1000)
+    spy.refuse.clear()
+    wait_until(lambda: hub.connected, what="the reconnection")
+    after = spy.publish("room:a", "t", "after")
+    assert after < seen, "the new server hands out positions below what the stream was sent"
+    messages = parse_all(b"".join(frames_of(sub, 2)))
+    kinds = [(m.type, m.data) for m in messages if m.type != "stream.position"]
+    assert kinds == [("stream.reset", json.dumps({"reason": "trimmed"})), ("t", "after")]
+    assert parse(messages[0].last_event_id) < seen, "the reset moves the browser's id back"
+    assert messages[-1].last_event_id == format_id(after)
+
+
+def test_a_full_worker_refuses_new_streams(spy, hub_factory):
+    """max_streams bounds a hub's streams; one closing makes room again."""
+    from myapp.hub import WorkerFull
+
+    hub = hub_factory(spy, max_streams=2)
+    first = hub.subscribe(["room:a"])
+    hub.subscribe(["room:b"])
+    with pytest.raises(WorkerFull):
+        hub.subscribe(["room:c"])
+    first.close()
+    hub.subscribe(["room:c"])

@@ -424,20 +424,20 @@ def test_sqlite_relay_picks_up_rows_within_the_poll_interval(memory_broker, rela
 
 
 def test_durable_setting_without_the_app_is_a_check_error(settings):
-    """MYAPP_DURABLE_PUBLISH = True without myapp.outbox: myapp.E010 naming the app to add."""
+    """MYAPP_DURABLE_PUBLISH = True without myapp.outbox: myapp.E013 naming the app to add."""
     settings.MYAPP_DURABLE_PUBLISH = True
     settings.INSTALLED_APPS = [app for app in settings.INSTALLED_APPS if app != "myapp.outbox"]
     (error,) = checks.check_outbox()
-    assert error.id == "myapp.E010" and '"myapp.outbox"' in error.hint
+    assert error.id == "myapp.E013" and '"myapp.outbox"' in error.hint
 
 
 @pytest.mark.parametrize(
     ("name", "value", "error_id"),
     [
-        ("MYAPP_OUTBOX_DATABASES", ["nope"], "myapp.E011"),
-        ("MYAPP_OUTBOX_DATABASES", [], "myapp.E011"),
-        ("MYAPP_OUTBOX_POLL_SECONDS", 0, "myapp.E013"),
-        ("MYAPP_OUTBOX_POLL_SECONDS", "1", "myapp.E013"),
+        ("MYAPP_OUTBOX_DATABASES", ["nope"], "myapp.E014"),
+        ("MYAPP_OUTBOX_DATABASES", [], "myapp.E014"),
+        ("MYAPP_OUTBOX_POLL_SECONDS", 0, "myapp.E016"),
+        ("MYAPP_OUTBOX_POLL_SECONDS", "1", "myapp.E016"),
     ],
     ids=["unknown alias", "no alias", "zero poll", "poll not a number"],
 )

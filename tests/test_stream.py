@@ -161,8 +161,8 @@ def test_hub_thread_death_closes_its_streams(broker, hub, monkeypatch):
     def die(*args):
         raise SystemExit("the listener thread is gone")
 
-    monkeypatch.setattr(hub, "_serve", die)
-    hub._listener.close()  # the loop reconnects, then _serve dies
+    monkeypatch.setattr(hub.link, "_serve", die)
+    hub.link._listener.close()  # the loop reconnects, then _serve dies
     while not reader.ended:
         reader.pull()
     assert reader.parser.comments[-1] == "closing: hub stopped"
@@ -171,11 +171,12 @@ def test_hub_thread_death_closes_its_streams(broker, hub, monkeypatch):
 
 
 def test_stream_lifetime_ends_the_stream(broker, hub):
-    """After its lifetime a stream ends (the browser reconnects and is authorized again)."""
+    """After its lifetime a stream ends (the browser reconnects and is authorized again), counted as such."""
     reader = Reader(open_stream(hub, ("room:a",), lifetime=0.1))
     while not reader.ended:
         reader.pull()
     assert reader.parser.comments[-1] == "closing: lifetime"
+    assert hub.counters.closes == {"lifetime": 1}, "not 'unsubscribed': the metrics tell lifetimes apart"
 
 
 def test_first_frame_leaves_at_once_even_with_nothing_queued(broker, hub_factory, monkeypatch):

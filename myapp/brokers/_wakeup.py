@@ -10,11 +10,15 @@ __all__ = ["Waker"]
 class Waker:
     """One pipe: ``wakeup()`` from anywhere makes a pending ``wait()`` return.
 
-    Under gevent (the process patched), ``wait`` keeps two libev read
-    watchers, on the socket and on the pipe, for the listener's whole life
-    and parks the greenlet on a ``gevent.hub.Waiter``: a wake-up then costs
-    no watcher set-up, unlike ``select.select`` (which gevent patches into
-    new watchers on every call). Without gevent, ``select.select`` waits.
+    Under gevent (the process patched), two libev read watchers, on the
+    socket and on the pipe, stay started for the listener's whole life, and
+    ``wait`` parks the greenlet on a ``gevent.hub.Waiter``: a wake-up then
+    costs no watcher set-up and no ``epoll_ctl`` (stopping and restarting a
+    watcher between two loop iterations costs libev two system calls), unlike
+    ``select.select`` (which gevent patches into new watchers on every call).
+    Readiness that arrives while nobody waits is remembered; the socket's
+    watcher then pauses until the next ``wait``, so unread data cannot make
+    the loop spin. Without gevent, ``select.select`` waits.
     """
 
     def __init__(self):
@@ -23,6 +27,8 @@ class Waker:
         os.set_blocking(self._write, False)
         self._hub = _gevent_hub()
         self._watchers = None  # (fd, socket watcher, pipe watcher) under gevent
+        self._waiter = None  # the gevent Waiter of a pending wait
+        self._ready = False  # the socket turned readable while nobody waited
 
     def wakeup(self):
         try:
@@ -50,10 +56,15 @@ class Waker:
         if self._watchers is None or self._watchers[0] != fd:
             self._close_watchers()
             self._watchers = (fd, hub.loop.io(fd, 1), hub.loop.io(self._read, 1))
-        _, on_socket, on_pipe = self._watchers
-        waiter = Waiter(hub)
-        on_socket.start(waiter.switch, True)
-        on_pipe.start(waiter.switch, False)
+            self._watchers[2].start(self._on_pipe)
+            self._ready = False
+        on_socket = self._watchers[1]
+        if not on_socket.active:
+            on_socket.start(self._on_socket)
+        if self._ready:
+            self._ready = False
+            return True
+        self._waiter = waiter = Waiter(hub)
         timer = None
         if timeout is not None:
             timer = hub.loop.timer(max(timeout, 0.0))
@@ -61,13 +72,27 @@ class Waker:
         try:
             readable = waiter.get()
         finally:
-            on_socket.stop()
-            on_pipe.stop()
+            self._waiter = None
             if timer is not None:
                 timer.close()
-        if readable is not True:  # woken by the pipe (or the timer): empty it
-            self._drain()
+        self._ready = False
         return readable is True
+
+    def _on_socket(self):
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.switch(True)
+        else:
+            self._ready = True
+            self._watchers[1].stop()  # level-triggered: resumes at the next wait
+
+    def _on_pipe(self):
+        self._drain()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.switch(False)
 
     def _drain(self):
         try:

@@ -25,11 +25,15 @@ from typing import NamedTuple
 
 from .options import positive_int, seconds
 
-__all__ = ["Broker", "Listener", "History", "Subscribed", "Trimmed", "HUB_CHANNEL_PREFIX"]
+__all__ = ["Broker", "Listener", "History", "Subscribed", "Trimmed", "HUB_CHANNEL_PREFIX", "CONTROL_CHANNEL"]
 
-#: Channels whose name starts with this are a hub's private control channel
+#: Channels whose name starts with this are a hub's private channel
 #: (position markers). ``!`` is outside the public channel charset.
 HUB_CHANNEL_PREFIX = "!hub:"
+
+#: The channel every hub listens to for control messages (``myapp.control``:
+#: end a user's streams on every worker and host). Outside the public charset.
+CONTROL_CHANNEL = "!control"
 
 
 class History(NamedTuple):
@@ -141,6 +145,31 @@ class Broker(abc.ABC):
         Raise BrokerUnavailable if the connection cannot be opened.
         """
         return self.listener_class(self, hub_channel)
+
+    @abc.abstractmethod
+    def presence_update(self, hub_id, counts, ttl):
+        """Record what hub ``hub_id`` holds, and count it alive for ``ttl`` seconds from now.
+
+        hub_id: the hub's id (str, no spaces; ``Hub.hub_channel``).
+        counts: dict mapping ``(key, member)`` (two str, no spaces in
+            member) to this hub's current count (int >= 0; 0 deletes the
+            entry). ``myapp.presence`` uses keys ``c:<channel>`` (who is on a
+            channel; members are user ids, ``-`` for streams without a user)
+            and ``o:<user id>`` (a user's streams, member ``n``).
+        ttl: seconds (float). A hub that stops calling (a crashed worker) no
+            longer counts once its ttl passed.
+
+        Raise BrokerUnavailable on failure.
+        """
+
+    @abc.abstractmethod
+    def presence_read(self, key, *, exclude=None):
+        """Return ``{member: count}`` for ``key``, summed over the hubs still alive.
+
+        exclude: a hub id whose entries are left out (the caller's own, which
+        it knows better), or None. Members whose sum is 0 are left out.
+        Raise BrokerUnavailable on failure.
+        """
 
     def check(self):
         """Return a list of ``django.core.checks`` messages about this backend's configuration.

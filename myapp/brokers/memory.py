@@ -40,6 +40,8 @@ class MemoryBroker(Broker):
         self._channels = {}  # channel -> deque of (Event, previous position)
         self._keys = {}  # (channel, key) -> (position, expiry in time.monotonic seconds)
         self._listeners = set()
+        self._presence = {}  # key -> {(hub, member): count}
+        self._alive = {}  # hub -> time.monotonic() until which it counts
 
     def _next_position(self):
         self._last = max(self._last + 1, position(int(time.time() * 1000)))
@@ -91,6 +93,27 @@ class MemoryBroker(Broker):
                 )
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed))
+
+    def presence_update(self, hub_id, counts, ttl):
+        with self._lock:
+            for (key, member), count in counts.items():
+                entries = self._presence.setdefault(key, {})
+                if count:
+                    entries[(hub_id, member)] = count
+                else:
+                    entries.pop((hub_id, member), None)
+                    if not entries:
+                        del self._presence[key]
+            self._alive[hub_id] = time.monotonic() + ttl
+
+    def presence_read(self, key, *, exclude=None):
+        now = time.monotonic()
+        totals = {}
+        with self._lock:
+            for (hub, member), count in self._presence.get(key, {}).items():
+                if hub != exclude and self._alive.get(hub, 0) > now:
+                    totals[member] = totals.get(member, 0) + count
+        return {member: count for member, count in totals.items() if count}
 
     def close(self):
         with self._lock:

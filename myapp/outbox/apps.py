@@ -6,7 +6,7 @@ class OutboxConfig(AppConfig):
 
     Add ``"myapp.outbox"`` to INSTALLED_APPS (and run ``migrate``) to publish
     with ``send_event(..., durable=True)`` or ``MYAPP_DURABLE_PUBLISH = True``;
-    the system check myapp.E010 names this app when durable publishing is
+    the system check myapp.E013 names this app when durable publishing is
     asked for without it.
     """
 

@@ -33,6 +33,7 @@ import time
 
 from django.db import connections
 
+from myapp import metrics
 from myapp.exceptions import BrokerUnavailable, InvalidEvent
 
 from .sources import BUSY_RETRY_SECONDS, Busy, SourceUnavailable
@@ -134,7 +135,8 @@ class Relay:
                     done = []
                     for row in rows:
                         try:
-                            broker.publish(row.channel, row.event_type, row.data, idempotency_key=row.key)
+                            with metrics.publishing():  # counted like send_event's publishes
+                                broker.publish(row.channel, row.event_type, row.data, idempotency_key=row.key)
                         except BrokerUnavailable as error:
                             failure = error
                             break

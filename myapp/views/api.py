@@ -55,7 +55,6 @@ MYAPP_PUBLISH_MAX_BATCH_EVENTS events, or none, is refused the same way
   503 with nothing queued when the database cannot take them.
 """
 
-import hmac
 import json
 import logging
 
@@ -67,6 +66,7 @@ from myapp.conf import setting
 from myapp.exceptions import BrokerUnavailable, EventTooLarge, InvalidEvent
 from myapp.publish import encode_data, send_event, validate_event
 
+from .bearer import bearer_token, token_matches
 from .responses import error, unavailable
 
 __all__ = ["publish", "publish_batch"]
@@ -75,24 +75,6 @@ log = logging.getLogger("myapp.views")
 
 _FIELDS = {"channel": str, "event_type": str, "data": object, "id": (str, type(None)), "raw": bool}
 _REQUIRED = ("channel", "event_type", "data")
-
-
-def _token_matches(given):
-    """Compare ``given`` with every configured token in constant time."""
-    given = given.encode("utf-8", "surrogateescape")
-    matched = False
-    for token in setting("MYAPP_PUBLISH_TOKENS"):
-        # No early exit: the time taken does not depend on which token matched.
-        matched |= hmac.compare_digest(given, token.encode("utf-8"))
-    return matched
-
-
-def _bearer(request):
-    header = request.headers.get("Authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return None
-    return credentials.strip()
 
 
 class _LengthRequired(Exception):
@@ -143,10 +125,10 @@ def _json_body(request):
     """
     if request.method != "POST":
         return None, error(405, "use POST", {"Allow": "POST"})
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         return None, error(401, "send Authorization: Bearer <token>", {"WWW-Authenticate": 'Bearer realm="publish"'})
-    if not _token_matches(token):
+    if not token_matches(token, setting("MYAPP_PUBLISH_TOKENS")):
         return None, error(403, "invalid publish token")
     content_type = request.content_type or ""
     if content_type != "application/json":

@@ -9,7 +9,8 @@ Answers (each one stops a native EventSource from retrying, except 200):
 - 401: not logged in and no valid (well-signed, well-formed, unexpired)
   subscription token;
 - 403: a channel the requester may not read, or a refused Origin;
-- 429 + Retry-After: the user already holds MYAPP_MAX_STREAMS_PER_USER streams here;
+- 429 + Retry-After: the user already holds MYAPP_MAX_STREAMS_PER_USER streams;
+- 503 + Retry-After: this worker holds MYAPP_MAX_STREAMS_PER_WORKER streams;
 - 503 + Retry-After: the broker (or the database the session needs) is unreachable.
 
 ``?check=1`` answers the same statuses without streaming (200 JSON when a
@@ -34,7 +35,7 @@ from myapp.auth import Grant, StreamRefused, grant_stream
 from myapp.conf import setting
 from myapp.cors import ORIGIN_REFUSED, cors_headers, preflight_headers
 from myapp.exceptions import BrokerUnavailable
-from myapp.hub import TooManyStreams, get_hub
+from myapp.hub import TooManyStreams, WorkerFull, get_hub
 from myapp.sink import sink_for
 from myapp.stream import open_stream
 
@@ -153,10 +154,13 @@ def _check(request, cors):
     if not isinstance(grant, Grant):
         return grant
     hub = get_hub()
-    if not hub.available():
+    try:
+        if not hub.available():
+            return unavailable("the event broker is unavailable; retry later", headers=cors)
+        if hub.at_limit(grant.owner):
+            return unavailable("too many streams for this user", status=429, headers=cors)
+    except BrokerUnavailable:
         return unavailable("the event broker is unavailable; retry later", headers=cors)
-    if hub.at_limit(grant.owner):
-        return unavailable("too many streams for this user", status=429, headers=cors)
     return JsonResponse({"channels": list(grant.channels)}, headers=cors)
 
 
@@ -184,6 +188,8 @@ def _stream(request, cors, release):
         return unavailable("the event broker is unavailable; retry later", headers=cors)
     except TooManyStreams as failure:
         return unavailable(str(failure), status=429, headers=cors)
+    except WorkerFull as failure:
+        return unavailable(str(failure), headers=cors)
     stream.on_close(release)
 
     # Session and auth lookups opened a database connection; a stream must

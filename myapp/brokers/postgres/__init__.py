@@ -153,10 +153,13 @@ class PostgresBroker(Broker):
 
         return self._run(work)
 
-    def _read(self, query, params):
-        """Run a read-only ``query`` on the broker's own connection and return its rows.
+    def _read(self, query, params, *, rows=True):
+        """Run ``query`` on the broker's own connection (autocommit) and return its rows (or None).
 
-        The connection opens on first use and again after a failure.
+        The hub reads positions and history, and writes presence, from its
+        own threads: a connection of the broker's (not Django's, which is
+        per greenlet and would stay checked out for the greenlet's life)
+        serves them. It opens on first use and again after a failure.
         """
         with self._reader_lock:
             conn = self._reader
@@ -164,7 +167,8 @@ class PostgresBroker(Broker):
                 if conn is None or conn.closed:
                     conn = self._reader = psycopg.connect(**self.connection_params(), autocommit=True)
                     conn.execute("SELECT set_config('statement_timeout', %s, false)", [self._timeout_ms])
-                return conn.execute(query, params).fetchall()
+                cursor = conn.execute(query, params)
+                return cursor.fetchall() if rows else None
             except psycopg.Error as error:
                 _raise_if_tables_missing(error)
                 self._reader = None
@@ -190,11 +194,64 @@ class PostgresBroker(Broker):
             events.append(Event(channel, pos, event_type, decode_data(data), prev))
         return History(events, frozenset(trimmed))
 
+    def presence_update(self, hub_id, counts, ttl):
+        statements = [
+            (
+                sql.PRESENCE_SET if count else sql.PRESENCE_DELETE,
+                {"key": key, "hub": hub_id, "member": member, "count": count},
+            )
+            for (key, member), count in counts.items()
+        ]
+        statements.append((sql.PRESENCE_ALIVE, {"hub": hub_id, "ttl_ms": max(1, int(ttl * 1000))}))
+        statements.append((sql.PRESENCE_FORGET, {"grace_ms": int(self.history_ttl * 1000)}))
+        for query, params in statements:
+            self._read(query, params, rows=False)
+
+    def presence_read(self, key, *, exclude=None):
+        rows = self._read(sql.PRESENCE_READ, {"key": key, "exclude": exclude or ""})
+        return {member: int(total) for member, total in rows}
+
     def close(self):
         with self._reader_lock:
             conn, self._reader = self._reader, None
         if conn is not None:
             conn.close()
+
+    def check(self):
+        from django.apps import apps
+        from django.core import checks
+
+        errors = []
+        app = self.required_app
+        if not apps.is_installed(app):
+            errors.append(
+                checks.Error(
+                    f"{type(self).__name__} keeps its history in the tables of the app {app!r}, "
+                    "which is not in INSTALLED_APPS.",
+                    hint=f'Add "{app}" to INSTALLED_APPS, then run "python manage.py migrate".',
+                    id="myapp.E009",
+                )
+            )
+        alias = self.database
+        if alias not in connections.settings:
+            errors.append(
+                checks.Error(
+                    f"The PostgreSQL broker uses database alias {alias!r}, which is not in DATABASES.",
+                    hint="Set MYAPP_BROKER OPTIONS 'database' to a PostgreSQL alias of DATABASES.",
+                    id="myapp.E003",
+                )
+            )
+        elif connections[alias].vendor != "postgresql":
+            errors.append(
+                checks.Error(
+                    f"The PostgreSQL broker needs a PostgreSQL database, but DATABASES[{alias!r}] "
+                    f"is {connections[alias].vendor}.",
+                    hint=f"Point DATABASES[{alias!r}] at PostgreSQL (django.db.backends.postgresql), "
+                    "or use the Redis broker.",
+                    id="myapp.E004",
+                )
+            )
+        return errors
 
     def connection_params(self):
         """Return keyword arguments for ``psycopg.connect`` to the ``database`` alias's server."""

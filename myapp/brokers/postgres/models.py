@@ -38,3 +38,28 @@ class BrokerState(models.Model):
 
     class Meta:
         db_table = "myapp_postgres_state"
+
+
+class PresenceEntry(models.Model):
+    """What one hub holds under a presence key (``myapp.presence``): a member and its count."""
+
+    key = models.TextField()
+    hub = models.TextField()
+    member = models.TextField()
+    count = models.IntegerField()
+
+    class Meta:
+        db_table = "myapp_postgres_presence"
+        constraints = [
+            models.UniqueConstraint(fields=["key", "hub", "member"], name="myapp_postgres_presence_key_hub_member")
+        ]
+
+
+class PresenceHub(models.Model):
+    """A hub that counts as alive until ``expires`` (ms since the epoch, the server's clock)."""
+
+    hub = models.TextField(primary_key=True)
+    expires = models.BigIntegerField()
+
+    class Meta:
+        db_table = "myapp_postgres_hub"

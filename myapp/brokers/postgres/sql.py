@@ -1,13 +1,27 @@
-"""The PostgreSQL broker's statements over its two tables (see ``models.py``).
+"""The PostgreSQL broker's statements over its tables (see ``models.py``).
 
 - ``myapp_postgres_state``: one row (id 1), the newest position handed out;
   its row lock, held until COMMIT, orders publishers.
 - ``myapp_postgres_event``: the history; ``data`` is bytea (UTF-8 bytes).
+- ``myapp_postgres_presence`` and ``myapp_postgres_hub``: presence entries
+  per hub, and until when each hub counts as alive.
 
 Parameters are always bound (``%(name)s``); no SQL is built from text.
 """
 
-__all__ = ["NEXT_POSITION", "LAST_POSITION", "FIND_KEY", "INSERT", "HISTORY", "FETCH"]
+__all__ = [
+    "NEXT_POSITION",
+    "LAST_POSITION",
+    "FIND_KEY",
+    "INSERT",
+    "HISTORY",
+    "FETCH",
+    "PRESENCE_SET",
+    "PRESENCE_DELETE",
+    "PRESENCE_ALIVE",
+    "PRESENCE_READ",
+    "PRESENCE_FORGET",
+]
 
 #: The next position (``ms << seq_bits | seq``, see myapp.ids), from the
 #: server's clock and never below the last one + 1.
@@ -41,3 +55,29 @@ HISTORY = (
     "WHERE channel = ANY(%(channels)s) AND pos > %(after)s ORDER BY pos"
 )
 FETCH = "SELECT data FROM myapp_postgres_event WHERE channel = %s AND pos = %s"
+
+#: Presence (myapp.presence): one hub's entry, its removal, its liveness, and
+#: the sum over the hubs still alive (the server's clock decides).
+PRESENCE_SET = (
+    "INSERT INTO myapp_postgres_presence (key, hub, member, count) VALUES (%(key)s, %(hub)s, %(member)s, %(count)s) "
+    "ON CONFLICT (key, hub, member) DO UPDATE SET count = EXCLUDED.count"
+)
+PRESENCE_DELETE = "DELETE FROM myapp_postgres_presence WHERE key = %(key)s AND hub = %(hub)s AND member = %(member)s"
+PRESENCE_ALIVE = (
+    "INSERT INTO myapp_postgres_hub (hub, expires) "
+    "VALUES (%(hub)s, (extract(epoch FROM clock_timestamp()) * 1000)::bigint + %(ttl_ms)s) "
+    "ON CONFLICT (hub) DO UPDATE SET expires = EXCLUDED.expires"
+)
+PRESENCE_READ = """
+SELECT p.member, sum(p.count) FROM myapp_postgres_presence p JOIN myapp_postgres_hub h ON h.hub = p.hub
+WHERE p.key = %(key)s AND p.hub <> %(exclude)s AND h.expires > (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+GROUP BY p.member HAVING sum(p.count) > 0
+"""
+#: Entries and liveness rows of hubs dead for longer than ``grace_ms``.
+PRESENCE_FORGET = """
+WITH dead AS (
+    DELETE FROM myapp_postgres_hub
+    WHERE expires < (extract(epoch FROM clock_timestamp()) * 1000)::bigint - %(grace_ms)s RETURNING hub
+)
+DELETE FROM myapp_postgres_presence WHERE hub IN (SELECT hub FROM dead)
+"""

@@ -15,6 +15,9 @@
  *   403), and reconnects with ?lastEventId= so nothing is lost.
  * - "stream.close" closes the stream for good; "stream.reset" means the page
  *   missed events it can no longer get: onreset() should reload its state.
+ * - "stream.end" (the server ended the stream: myapp.control) stops for good
+ *   when its data says {"reconnect": false} (onend(data) is called either way);
+ *   with {"reconnect": true} the page reconnects at once and is authorized again.
  */
 (function (global) {
   "use strict";
@@ -51,6 +54,15 @@
     });
     this.on("stream.close", function () {
       self.close();
+    });
+    this.on("stream.end", function (data) {
+      if (self.options.onend) self.options.onend(data);
+      if (data && data.reconnect === false) {
+        self.close();
+      } else if (self.source) {
+        self.source.close();
+        self._connect();
+      }
     });
     this._connect();
   }
