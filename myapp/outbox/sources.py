@@ -203,6 +203,9 @@ class PostgresSource:
             return
         if self._notified():  # arrived during the last batch's statements
             return
+        # The batch's own replies made the socket readable while nobody waited;
+        # notifies() consumed them, so that readiness is stale.
+        self._waker.clear()
         try:
             readable = self._waker.wait(self._conn.fileno(), timeout)
         except (OSError, ValueError) as error:
