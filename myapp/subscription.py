@@ -36,11 +36,12 @@ import threading
 from myapp import sse
 from myapp.counters import Counters
 from myapp.events import RESET_EVENT, Event
-from myapp.ids import format_id
+from myapp.ids import format_id, format_ids
 from myapp.sink import chunk
 
 __all__ = [
     "Subscription",
+    "MultiSubscription",
     "Heartbeat",
     "Reset",
     "HEARTBEAT",
@@ -119,14 +120,15 @@ class Heartbeat:
 
     A ``stream.position`` block without data, with ``id: <pos>`` only for a
     stream that has not been handed ``pos`` yet (an id never moves back).
-    Encoded once per heartbeat slice and shared.
+    Encoded once per heartbeat slice (and partition) and shared. ``id``
+    (str) replaces ``format_id(pos)`` (``MultiSubscription``'s own ids).
     """
 
     __slots__ = ("pos", "frame", "chunk")
 
-    def __init__(self, pos):
+    def __init__(self, pos, id=None):
         self.pos = pos
-        self.frame = sse.encode(event=POSITION_EVENT, id=format_id(pos))
+        self.frame = sse.encode(event=POSITION_EVENT, id=format_id(pos) if id is None else id)
         self.chunk = chunk(self.frame)
 
     def wire(self, sent, chunked):
@@ -143,15 +145,19 @@ class Reset:
     the stream skips everything at or before ``pos``. ``backwards`` lets
     ``pos`` move the stream's position down (the broker's order went back,
     see ``myapp.hub.Hub._check_order``); otherwise it never moves down.
+    ``part`` is the broker partition of ``pos`` (0 with a single-order
+    broker); ``id`` (str) replaces ``format_id(pos)``.
     """
 
-    __slots__ = ("reason", "pos", "frame", "chunk", "backwards")
+    __slots__ = ("reason", "pos", "frame", "chunk", "backwards", "part")
 
-    def __init__(self, reason, pos, *, backwards=False):
+    def __init__(self, reason, pos, *, backwards=False, part=0, id=None):
         self.reason = reason
         self.pos = pos
         self.backwards = backwards
-        self.frame = sse.encode(json.dumps({"reason": reason}), event=RESET_EVENT, id=format_id(pos))
+        self.part = part
+        wire_id = format_id(pos) if id is None else id
+        self.frame = sse.encode(json.dumps({"reason": reason}), event=RESET_EVENT, id=wire_id)
         self.chunk = chunk(self.frame)
 
     def wire(self, sent, chunked):
@@ -171,6 +177,9 @@ class Subscription:
         ``close``).
     counters: the hub's ``myapp.counters.Counters``, where ``offer`` counts
         the events it writes or queues (None: counters of its own).
+    part: the broker partition all ``channels`` belong to (int, 0 with a
+        single-order broker); ``parts`` is ``(part,)``. A stream whose
+        channels span partitions is a ``MultiSubscription``.
 
     ``start`` is the position the stream starts from (int) and ``reset``
     the reason it could not resume from its Last-Event-ID (a str), or None;
@@ -186,6 +195,8 @@ class Subscription:
 
     __slots__ = (
         "channels",
+        "part",
+        "parts",
         "owner",
         "start",
         "reset",
@@ -211,8 +222,10 @@ class Subscription:
         "_counters",
     )
 
-    def __init__(self, channels, owner, *, queue_size, lock, leave, counters=None):
+    def __init__(self, channels, owner, *, queue_size, lock, leave, counters=None, part=0):
         self.channels = channels
+        self.part = part
+        self.parts = (part,)
         self.owner = owner
         self.start = 0
         self.reset = None
@@ -293,7 +306,16 @@ class Subscription:
         """Leave the hub, closed with ``reason`` (one of the reasons above). Safe to call twice."""
         self._leave(self, reason)
 
+    @property
+    def start_id(self):
+        """The id (str) of the position the stream starts from (its first block's id)."""
+        return format_id(self.start)
+
     # -- the hub's side (call with the hub's lock held) -------------------------
+
+    def cursor(self, positions):
+        """The start ``begin`` takes for a stream starting at ``positions`` (the hub's, one per partition)."""
+        return positions[self.part]
 
     def begin(self, start, reset, replay=()):
         """Start at position ``start`` (int), after ``reset`` (a reason, or None), with ``replay`` queued.
@@ -432,3 +454,79 @@ class Subscription:
         self.ready.set()
         self._wake.set()
         return sink
+
+
+#: What a multi-partition stream offers for a heartbeat that moves none of its partitions.
+_STILL = Heartbeat(0)
+
+
+class MultiSubscription(Subscription):
+    """A stream whose channels span several partitions of a partitioned broker.
+
+    parts: the partitions it reads (tuple of int, ascending, at least two).
+
+    ``start`` is a dict partition -> position, and so is ``positions``, the
+    position the client has in each partition once everything handed over
+    is written. Its ids are ``myapp.ids.format_ids`` of ``positions``, so
+    each frame is its own copy of the event's shared frame with that id (one
+    copy per delivery, for these streams only); ``pos`` merely counts what
+    was handed over. The hub offers the list of its positions (one per
+    partition) for a heartbeat.
+    """
+
+    __slots__ = ("positions",)
+
+    def __init__(self, channels, owner, *, parts, **options):
+        super().__init__(channels, owner, **options)
+        self.part = -1
+        self.parts = parts
+        self.positions = dict.fromkeys(parts, 0)
+
+    @property
+    def start_id(self):
+        return format_ids(self.start)
+
+    def cursor(self, positions):
+        return {part: positions[part] for part in self.parts}
+
+    def begin(self, start, reset, replay=()):
+        self.start = dict(start)
+        self.positions = dict(start)
+        self.reset = reset
+        frames = self._frames
+        for event in replay:
+            self.positions[event.part] = event.pos
+            frames.append(self._copy(event).frame)
+            self.pos += 1
+        self._room += len(replay)
+
+    def offer(self, item):
+        kind = type(item)
+        positions = self.positions
+        if kind is Event:
+            part = item.part
+            if item.pos <= positions[part]:
+                return None
+            positions[part] = item.pos
+            item = self._copy(item)
+        elif kind is list:
+            moved = False
+            for part in self.parts:
+                if item[part] > positions[part]:
+                    positions[part] = item[part]
+                    moved = True
+            item = Heartbeat(self.pos + 1, id=format_ids(positions)) if moved else _STILL
+        elif kind is Reset:
+            part = item.part
+            positions[part] = item.pos if item.backwards else max(positions[part], item.pos)
+            item = Reset(item.reason, self.pos, id=format_ids(positions))
+        return Subscription.offer(self, item)
+
+    def _copy(self, event):
+        """``event`` with this stream's id in its frame, numbered after what was handed over."""
+        frame = event.frame
+        start = frame.index(b"\nid: ") + 5
+        end = frame.index(b"\n", start)
+        copy = Event(event.channel, self.pos + 1, event.event_type, event.data, event.prev, event.part)
+        copy._frame = frame[:start] + format_ids(self.positions).encode() + frame[end:]
+        return copy
