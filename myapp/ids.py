@@ -1,4 +1,4 @@
-"""Event ids: positions in one broker-wide order.
+"""Event ids: positions in one broker-wide order (one per partition on Redis Cluster).
 
 Every event a broker accepts gets a position: the broker's clock in
 milliseconds plus a sequence number within that millisecond, written

@@ -21,6 +21,7 @@ forward under another name, which no stream holds.
 from collections import Counter, defaultdict
 
 import hiredis
+import redis
 
 from myapp.events import Event
 from myapp.exceptions import BrokerUnavailable
@@ -43,8 +44,6 @@ class _Node:
     __slots__ = ("address", "connection", "sock", "reader")
 
     def __init__(self, address, options):
-        import redis
-
         self.address = address
         host, _, port = address.rpartition(":")
         self.connection = redis.Connection(host=host, port=int(port), **options)
