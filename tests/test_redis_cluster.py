@@ -19,7 +19,7 @@ from myapp.brokers.base import Subscribed
 from myapp.brokers.redis_cluster import RedisClusterBroker
 from myapp.brokers.redis_cluster.partitions import SLOTS, partition_of, tags
 from myapp.exceptions import BrokerConfigurationError, BrokerUnavailable
-from myapp.ids import parse, parse_ids
+from myapp.ids import milliseconds, parse, parse_ids
 from scripts.servers import ValkeyCluster, free_port
 from tests.conftest import wait_until
 from tests.sse_client import SSEClient, parse_all
@@ -112,6 +112,32 @@ def test_one_subscriber_connection_per_node_whatever_the_channels(redis_cluster_
         assert shard_subscriptions == len(channels) + broker.partitions, "each channel, and the hub's per partition"
     finally:
         listener.close()
+
+
+def _server_ms(client):
+    seconds, microseconds = client.time()
+    return seconds * 1000 + microseconds // 1000
+
+
+def test_a_partition_that_lost_its_data_resets_its_channels_only(redis_cluster_broker, valkey_cluster):
+    """A partition whose keys are gone starts an epoch of its own: its channels count as trimmed, others resume."""
+    broker = redis_cluster_broker
+    lossy, safe = "room:a", "room:b"
+    part = broker.partition(lossy)
+    seen = {lossy: broker.publish(lossy, "t", "lost"), safe: broker.publish(safe, "t", "kept")}
+    node = valkey_cluster.owner(broker.slots[part]).client()
+    keys = list(node.scan_iter(match=broker.bases[part] + "*"))
+    assert keys
+    node.delete(*keys)  # as a restart without persistence does, to this partition only
+    wait_until(lambda: _server_ms(node) > milliseconds(seen[lossy]), what="the server clock to move on")
+    after = broker.publish(lossy, "t", "new")
+    broker.publish(safe, "t", "more")
+    starts = broker.heads()
+    starts[part], starts[broker.partition(safe)] = seen[lossy], seen[safe]
+    history = broker.history([lossy, safe], starts)
+    assert history.trimmed == frozenset({lossy}), "only the partition that lost its data"
+    assert seen[lossy] < history.epoch[part] < after
+    assert [e.data for e in history.events if e.channel == safe] == ["more"]
 
 
 class Publisher(threading.Thread):
