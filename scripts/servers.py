@@ -318,6 +318,7 @@ class ValkeyCluster:
                     *(replica_args if index >= primaries else ()),
                 ],
             )  # fmt: skip
+            node.bus_port = bus
             (self.primaries if index < primaries else self.replicas).append(node)
 
     @property
@@ -344,6 +345,13 @@ class ValkeyCluster:
 
         Return self.
         """
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout):
         for node in self.nodes:
             node.start()
         count = len(self.primaries)
@@ -352,7 +360,7 @@ class ValkeyCluster:
             node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", low, high)
         first = self.primaries[0].client()
         for node in self.nodes[1:]:
-            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.bus_port)
         _wait_for(lambda: all(self._knows_all(node) for node in self.nodes), timeout, "the nodes to meet")
         per_primary = len(self.replicas) // count if count else 0
         for index, replica in enumerate(self.replicas):
