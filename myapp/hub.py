@@ -52,6 +52,7 @@ from myapp.counters import Counters
 from myapp.exceptions import BrokerUnavailable
 from myapp.hangups import Hangups
 from myapp.link import BrokerLink
+from myapp.partitions import MultiSubscription
 from myapp.presence import Tracker
 from myapp.registry import ProcessLocal
 from myapp.resume import TRIMMED
@@ -67,7 +68,6 @@ from myapp.subscription import (
     UNSUBSCRIBE,
     UNSUBSCRIBED,
     Heartbeat,
-    MultiSubscription,
     Reset,
     Subscription,
     closing_frame,

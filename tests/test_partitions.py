@@ -6,8 +6,9 @@ import pytest
 
 from myapp.events import Event
 from myapp.ids import format_id, format_ids, parse_ids, position
+from myapp.partitions import MultiSubscription
 from myapp.resume import EXPIRED, MALFORMED, TRIMMED, UNKNOWN, replay_parts, start_positions
-from myapp.subscription import Heartbeat, MultiSubscription, Reset
+from myapp.subscription import Heartbeat, Reset
 from tests.sse_client import parse_all
 
 NOW = 1_763_726_400_000
