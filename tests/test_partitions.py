@@ -112,3 +112,15 @@ def test_multi_partition_heartbeats_and_resets_move_only_their_partitions():
     messages = parse_all(b"".join(frames))
     assert messages[-1].type == "stream.reset"
     assert parse_ids(messages[-1].last_event_id) == {0: position(NOW + 1), 2: position(NOW + 7)}
+
+
+@pytest.mark.parametrize("last_event_id", [f"4:{NOW}-0,14:{NOW}-0", "0:1-1,1:1-1"], ids=["two parts", "part 0"])
+def test_single_order_brokers_take_multi_partition_ids_as_malformed(last_event_id, hub_factory):
+    """The memory broker (one partition, like Redis and PostgreSQL) resets a multi-partition id as malformed."""
+    from myapp.brokers.memory import MemoryBroker
+
+    hub = hub_factory(MemoryBroker())
+    subscription = hub.subscribe(["room:a", "room:b"], last_event_id=last_event_id)
+    assert subscription.reset == MALFORMED
+    assert subscription.start_id == format_id(subscription.start), "its ids stay <ms>-<seq>"
+    subscription.close()

@@ -140,6 +140,24 @@ def test_a_partition_that_lost_its_data_resets_its_channels_only(redis_cluster_b
     assert [e.data for e in history.events if e.channel == safe] == ["more"]
 
 
+@pytest.mark.parametrize(
+    ("channels", "last_event_id"),
+    [
+        (("room:a", "room:b"), "garbage"),
+        (("room:a", "room:b"), "1763726400000-0"),
+        (("room:a", "room:b"), "4:1763726400000-0,5:1763726400000-0"),
+        (("room:a",), "4:1763726400000-0,14:1763726400000-0"),
+    ],
+    ids=["garbage", "plain id on two partitions", "other partitions", "multi-partition id on one"],
+)
+def test_ids_that_do_not_fit_the_stream_reset_as_malformed(redis_cluster_broker, hub_factory, channels, last_event_id):
+    """An id of the wrong shape for the stream's partitions starts it with stream.reset (malformed), never an error."""
+    hub = hub_factory(redis_cluster_broker)
+    subscription = hub.subscribe(channels, last_event_id=last_event_id)
+    assert subscription.reset == "malformed"
+    subscription.close()
+
+
 class Publisher(threading.Thread):
     """Publishes ``"0"``, ``"1"``, ... round-robin on ``channels``, retrying what the cluster refuses meanwhile."""
 
