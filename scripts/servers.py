@@ -25,11 +25,13 @@ restart them, the Sentinel tests kill a primary).
 Used by scripts/run.py, the tests and the benchmark.
 """
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -485,7 +487,31 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             if self.pgdata.exists():
                 shutil.rmtree(self.pgdata)
+            self._initdb()
+
+    def _initdb(self):
+        """Create the cluster in ``pgdata``: the first time in this process with initdb, then as a copy of that one.
+
+        initdb takes ~1.6 s here, copying its fresh cluster ~0.1 s; a test
+        session starts dozens of servers.
+        """
+        cached = _INITDB_CACHE.get((self.bin, self.user))
+        if cached is None:
             self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8", "-U", "postgres")
+            cache = Path(tempfile.mkdtemp(prefix="initdb-cache-"))
+            atexit.register(shutil.rmtree, cache, True)
+            shutil.copytree(self.pgdata, cache / "pgdata", symlinks=True)
+            _INITDB_CACHE[(self.bin, self.user)] = cache / "pgdata"
+            return
+        shutil.copytree(cached, self.pgdata, symlinks=True)
+        if self.user is not None:
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            for root, dirs, files in os.walk(self.pgdata):
+                for name in (root, *(os.path.join(root, n) for n in dirs + files)):
+                    os.chown(name, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        os.chmod(self.pgdata, 0o700)
 
     def start(self, timeout=30):
         """Start the server (initdb on first use) and wait until it accepts connections. Return self."""
@@ -528,6 +554,9 @@ class EmbeddedPostgres:
         except OSError:
             return "(no log)"
 
+
+#: (bin folder, user) -> a fresh cluster made by initdb in this process, to copy (EmbeddedPostgres._initdb).
+_INITDB_CACHE = {}
 
 #: nginx.conf for ``Nginx``; the values in braces are filled in by ``Nginx.start``.
 NGINX_CONF = """\

@@ -1,10 +1,14 @@
 """The real service in subprocesses for end-to-end tests: gunicorn (gevent) + db_worker."""
 
+import atexit
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,14 +37,28 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def create_database(postgres):
-    """Create a new database on ``postgres`` (an EmbeddedPostgres or the like); return its URL."""
+def create_database(postgres, template=None):
+    """Create a new database on ``postgres`` (an EmbeddedPostgres or the like); return its URL.
+
+    template: a database of that server to copy (``CREATE DATABASE ... TEMPLATE``), or None for an empty one.
+    """
     import psycopg
 
     dbname = "stack_" + uuid.uuid4().hex[:10]
+    copy = f' TEMPLATE "{template}"' if template else ""
     with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{dbname}"')
+        connection.execute(f'CREATE DATABASE "{dbname}"{copy}')
     return postgres.url(dbname)
+
+
+#: Prepared databases to copy (migrated, USERS created), one per mode and environment:
+#: (mode, server, env items) -> SQLite file path or PostgreSQL database name. A test
+#: session migrates once per kind of stack instead of once per stack (two Django
+#: starts, ~3 s each time).
+_TEMPLATES = {}
+_TEMPLATE_DIR = []
+#: Environment variables that differ per stack and do not change what migrate creates.
+_PER_STACK = {"MYAPP_VAR_DIR", "DJANGO_SECRET_KEY", "GUNICORN_BIND", "DATABASE_URL", "REDIS_URL"}
 
 
 class LiveStack:
@@ -111,12 +129,26 @@ class LiveStack:
                 "MYAPP_PRESENCE_CHANNELS": "room:presence-*",
             }
         )
+        self.env.update(env or {})
+        self._template_key = None
+        self._from_template = False
+        if database_url is None and "MYAPP_BROKER_DATABASE_URL" not in self.env:
+            settings = sorted(
+                (k, v) for k, v in self.env.items() if k.startswith(("MYAPP_", "DJANGO_")) and k not in _PER_STACK
+            )
+            server = None if postgres is None else (str(getattr(postgres, "directory", "")), postgres.url("postgres"))
+            self._template_key = (mode, server, tuple(settings))
+        template = _TEMPLATES.get(self._template_key) if prepare else None
         if mode == "redis":
             self.env["REDIS_URL"] = redis_url
+            if database_url is None and template is not None:
+                shutil.copyfile(template, self.directory / "db.sqlite3")
+                self._from_template = True
             self.env["DATABASE_URL"] = database_url or f"sqlite:///{self.directory / 'db.sqlite3'}"
         else:
-            self.env["DATABASE_URL"] = database_url or create_database(postgres)
-        self.env.update(env or {})
+            self.env["DATABASE_URL"] = database_url or create_database(postgres, template)
+            self._from_template = database_url is None and template is not None
+        self._postgres = postgres
         self.gunicorn = None
         self.worker = None
         self._frozen = []
@@ -141,10 +173,41 @@ class LiveStack:
             self.manage("migrate", "--noinput", "-v", "0", "--database", "broker")
 
     def prepare_database(self):
-        """Migrate the stack's database(s) and create the USERS (with PASSWORD)."""
+        """Migrate the stack's database(s) and create the USERS (with PASSWORD).
+
+        A copy of the same kind of stack's prepared database needs nothing; the
+        first of its kind is kept as that copy's template.
+        """
+        if self._from_template:
+            return
         self.migrate()
         # One process for all users (what `manage.py demo_user` does for one): each start of Django costs a second.
         self.manage("shell", "-c", CREATE_USERS.format(users=USERS, password=PASSWORD))
+        if self._template_key is not None and self._template_key not in _TEMPLATES:
+            _TEMPLATES[self._template_key] = self._save_template()
+
+    def _save_template(self):
+        """Keep a copy of this stack's freshly prepared database (no process holds it now); return its name."""
+        if self.mode == "redis":
+            if not _TEMPLATE_DIR:
+                _TEMPLATE_DIR.append(Path(tempfile.mkdtemp(prefix="stack-templates-")))
+                atexit.register(shutil.rmtree, _TEMPLATE_DIR[0], True)
+            path = _TEMPLATE_DIR[0] / f"{uuid.uuid4().hex}.sqlite3"
+            # The backup API, not a file copy: the database is in WAL mode.
+            source, target = sqlite3.connect(self.directory / "db.sqlite3"), sqlite3.connect(path)
+            with target:
+                source.backup(target)
+            source.close()
+            target.close()
+            return path
+        import psycopg
+        import psycopg.conninfo
+
+        name = "template_" + uuid.uuid4().hex[:10]
+        source = psycopg.conninfo.conninfo_to_dict(self.env["DATABASE_URL"])["dbname"]
+        with psycopg.connect(self._postgres.url("postgres"), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+        return name
 
     def __enter__(self):
         if self.prepare:

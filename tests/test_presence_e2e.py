@@ -6,11 +6,12 @@ import time
 
 import psutil
 import pytest
+import requests
 
 from myapp.brokers.redis import RedisBroker
 from tests.conftest import wait_until
 from tests.sse_client import SSEClient
-from tests.stack import PASSWORD, LiveStack
+from tests.stack import PASSWORD, PUBLISH_TOKEN, LiveStack
 
 pytestmark = pytest.mark.e2e
 
@@ -133,3 +134,26 @@ def test_disconnect_ends_a_users_streams_on_every_worker_and_revocation_answers_
     again = dave.get(url, stream=True, timeout=10)
     again.close()
     assert again.status_code == 403, "the reconnect is authorized again, and refused"
+
+
+def test_disconnect_over_the_control_api_ends_streams_on_both_workers_and_push_js_is_told_to_stop(redis_stack):
+    """POST /api/control/ disconnect: the user's streams on both workers end within a second with reconnect false."""
+    redis_stack.manage("demo_user", "--username", "erin", "--password", PASSWORD)
+    erin = redis_stack.login("erin")
+    user = _user_id(redis_stack, erin)
+    streams = _streams_on_both_workers(redis_stack, erin, redis_stack.url + "/events/")
+    response = requests.post(
+        redis_stack.url + "/api/control/",
+        json={"action": "disconnect", "user": user},
+        headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+        timeout=10,
+    )
+    sent_at = time.monotonic()
+    assert response.status_code == 200, response.text
+    for client in streams.values():
+        client.wait_for(lambda ms: any(m.type == "stream.end" for m in ms), timeout=1.0, what="stream.end")
+        (end,) = client.of_type("stream.end")
+        assert json.loads(end.data) == {"reason": "disconnect", "reconnect": False}
+        client.wait_end(timeout=1.0)
+    ended_ms = (time.monotonic() - sent_at) * 1000
+    print(f"control API disconnect: both workers' streams ended {ended_ms:.0f} ms after the 200")

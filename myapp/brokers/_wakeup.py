@@ -18,7 +18,11 @@ class Waker:
     ``select.select`` (which gevent patches into new watchers on every call).
     Readiness that arrives while nobody waits is remembered; the socket's
     watcher then pauses until the next ``wait``, so unread data cannot make
-    the loop spin. Without gevent, ``select.select`` waits.
+    the loop spin. A caller that also reads the socket itself between two
+    waits (queries on the same connection) makes that remembered readiness
+    stale: it calls ``clear`` once it has consumed what was there, or every
+    ``wait`` after a query would return at once. Without gevent,
+    ``select.select`` waits.
     """
 
     def __init__(self):
@@ -35,6 +39,14 @@ class Waker:
             os.write(self._write, b"!")
         except (BlockingIOError, OSError):
             pass  # a full pipe already wakes the reader; a closed one has no reader
+
+    def clear(self):
+        """Forget readiness noticed while nobody waited (the caller read the socket since).
+
+        Data that is still unread makes the next ``wait`` return at once all
+        the same: its watcher is level-triggered.
+        """
+        self._ready = False
 
     def wait(self, fd, timeout):
         """Wait until ``fd`` is readable, ``wakeup`` is called, or ``timeout`` seconds pass.

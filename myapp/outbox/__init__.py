@@ -14,7 +14,7 @@ deletes them; while the broker is down it retries with jittered exponential
 backoff. It runs next to each gunicorn worker's hub (``runner.py``, started
 by ``myapp.gunicorn.post_worker_init``) and as ``manage.py push_relay``.
 
-One relay at a time is active per database (``sources.py``): on PostgreSQL
+One relay at a time is active per database (``myapp.outbox.sources``): on PostgreSQL
 the one holding a session-level advisory lock, woken by NOTIFY; on SQLite
 the one holding a flock on a file next to the database, polling. See
 docs/outbox.md.

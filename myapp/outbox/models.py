@@ -2,7 +2,7 @@
 
 ``send_event(..., durable=True)`` inserts rows with the ORM (``store.py``);
 the relay reads, publishes and deletes them with its own SQL on a connection
-of its own (``sources.py``).
+of its own (``myapp.outbox.sources``).
 """
 
 from django.db import models

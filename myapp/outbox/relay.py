@@ -1,6 +1,6 @@
 """The relay: publish one database's outbox to the broker, in order, until stopped.
 
-Loop: become the active relay (``sources.py``; standbys wait and try again),
+Loop: become the active relay (``myapp.outbox.sources``; standbys wait and try again),
 then in batches of ``batch_size`` rows: claim the oldest rows, publish each
 with its idempotency key in ``id`` order, delete the published ones, commit.
 When the outbox is empty, wait for a NOTIFY (PostgreSQL) or the poll

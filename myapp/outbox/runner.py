@@ -5,7 +5,7 @@ gevent patched the worker) starts one relay per database of
 MYAPP_OUTBOX_DATABASES in a greenlet of the worker, when the app
 ``myapp.outbox`` is installed and MYAPP_OUTBOX_RELAY_IN_WORKERS is on.
 Every worker of every host runs them; per database one is active at a time
-(``sources.py``), the others stand by and take over when it ends. Their
+(``myapp.outbox.sources``), the others stand by and take over when it ends. Their
 waits are cooperative (gevent watchers on the PostgreSQL connection, psycopg
 with ``PSYCOPG_WAIT_FUNC=wait_poll``; SQLite never waits for its lock), so a
 relay never blocks the worker's streams.

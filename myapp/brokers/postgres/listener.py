@@ -153,6 +153,9 @@ class PostgresListener(Listener):
         items = self._drain()
         if items:
             return items
+        # Replies to this connection's own statements (LISTEN, FETCH, the
+        # marker) made the socket readable meanwhile; _drain consumed them.
+        self._waker.clear()
         try:
             readable = self._waker.wait(self._conn.fileno(), timeout)
         except (OSError, ValueError, psycopg.Error) as error:
