@@ -1,6 +1,7 @@
 """What one publish costs the Redis server, and how many one server takes: ``python -m bench.publish``.
 
     .venv/bin/python -m bench.publish [--events 20000] [--processes 1 2 4] [--seconds 5] [--out FILE]
+    .venv/bin/python -m bench.publish --cluster [--processes 1 2 4] [--seconds 5] [--out FILE]
 
 Starts an embedded Valkey (unix socket, no persistence) and, with no streams
 open, measures ``myapp.brokers.redis.RedisBroker.publish`` (the Lua script
@@ -19,6 +20,13 @@ open, measures ``myapp.brokers.redis.RedisBroker.publish`` (the Lua script
 
 Half the events carry a publisher id (``id=``, idempotent publishing), on
 100 channels, 200-byte JSON data.
+
+``--cluster`` measures throughput only, per publisher count, on one Valkey
+(loopback TCP, like the cluster) and on a 3-primary Valkey Cluster
+(``myapp.brokers.redis_cluster.RedisClusterBroker``, 16 partitions), with
+the servers' CPU per event summed over the nodes. On a machine with fewer
+cores than nodes plus publishers the cluster cannot show its scaling; the
+report says how many cores there were.
 """
 
 import argparse
@@ -33,7 +41,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.servers import EmbeddedValkey
+from scripts.servers import EmbeddedValkey, ValkeyCluster, free_port
 
 CHANNELS = 100
 DATA = json.dumps({"job": 1, "percent": 50, "pad": "x" * 160})
@@ -43,6 +51,12 @@ def _broker(url):
     from myapp.brokers.redis import RedisBroker
 
     return RedisBroker(url=url)
+
+
+def _cluster_broker(nodes):
+    from myapp.brokers.redis_cluster import RedisClusterBroker
+
+    return RedisClusterBroker(startup_nodes=nodes)
 
 
 def _commandstats(client):
@@ -118,8 +132,8 @@ def _send_event_latency(url, events):
     return _percentiles(latencies)
 
 
-def _publisher(url, seconds, start, counts, index):
-    broker = _broker(url)
+def _publisher(target, seconds, start, counts, index):
+    broker = _cluster_broker(target) if isinstance(target, list) else _broker(target)
     broker.publish("bench:warm", "note", DATA)
     while time.time() < start:
         time.sleep(0.001)
@@ -133,7 +147,11 @@ def _publisher(url, seconds, start, counts, index):
     broker.close()
 
 
-def _throughput(url, processes, seconds, server):
+def _throughput(url, processes, seconds, servers):
+    """Events per second from ``processes`` publishers on ``url`` (or a cluster's startup nodes, a list).
+
+    servers: the psutil Process of each server, whose CPU the run costs.
+    """
     context = multiprocessing.get_context("fork")
     counts = context.Array("l", processes)
     start = time.time() + 1.0
@@ -144,10 +162,10 @@ def _throughput(url, processes, seconds, server):
         child.start()
     while time.time() < start:
         time.sleep(0.01)
-    cpu_before = _cpu(server)
+    cpu_before = sum(_cpu(server) for server in servers)
     for child in children:
         child.join()
-    cpu = _cpu(server) - cpu_before
+    cpu = sum(_cpu(server) for server in servers) - cpu_before
     total = sum(counts)
     return {
         "processes": processes,
@@ -163,8 +181,15 @@ def main(argv=None):
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cluster", action="store_true", help="throughput: one Valkey vs a 3-node cluster")
     options = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="bench-publish-"))
+    if options.cluster:
+        result = _single_vs_cluster(directory, options.processes, options.seconds)
+        print(json.dumps(result, indent=2))
+        if options.out:
+            options.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     valkey = EmbeddedValkey(directory / "valkey").start()
     try:
         import redis
@@ -173,12 +198,30 @@ def main(argv=None):
         server = psutil.Process(valkey.process.pid)
         result = {"events": options.events, **_sequential(valkey.url, options.events, server, client)}
         result["send_event_latency_ms"] = _send_event_latency(valkey.url, options.events // 4)
-        result["throughput"] = [_throughput(valkey.url, n, options.seconds, server) for n in options.processes]
+        result["throughput"] = [_throughput(valkey.url, n, options.seconds, [server]) for n in options.processes]
         print(json.dumps(result, indent=2))
         if options.out:
             options.out.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         valkey.stop()
+
+
+def _single_vs_cluster(directory, processes, seconds):
+    """Throughput per publisher count on one Valkey (TCP) and on a 3-primary cluster."""
+    result = {"cores": os.cpu_count(), "seconds": seconds, "redis": [], "cluster": []}
+    valkey = EmbeddedValkey(directory / "single", port=free_port()).start()
+    try:
+        url = f"redis://127.0.0.1:{valkey.port}"
+        result["redis"] = [_throughput(url, n, seconds, [psutil.Process(valkey.process.pid)]) for n in processes]
+    finally:
+        valkey.stop()
+    cluster = ValkeyCluster(directory / "cluster").start()
+    try:
+        servers = [psutil.Process(node.process.pid) for node in cluster.primaries]
+        result["cluster"] = [_throughput(cluster.startup_nodes, n, seconds, servers) for n in processes]
+    finally:
+        cluster.stop()
+    return result
 
 
 if __name__ == "__main__":

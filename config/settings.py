@@ -9,7 +9,9 @@ Environment:
 - REDIS_SENTINELS: comma-separated host:port of Redis Sentinels; set, the Redis broker asks
   them for the primary (REDIS_URL then gives only its database, username, password, TLS).
 - REDIS_SENTINEL_SERVICE: the primary's name at the Sentinels; default mymaster.
-- MYAPP_BROKER_BACKEND: redis (default), postgres or memory.
+- REDIS_CLUSTER_NODES: redis_cluster only, comma-separated host:port of cluster nodes to read
+  the slot map from; REDIS_CLUSTER_PARTITIONS: its partitions (default 16).
+- MYAPP_BROKER_BACKEND: redis (default), redis_cluster, postgres or memory.
 - MYAPP_BROKER_DATABASE_URL: postgres only, a PostgreSQL server of its own for the
   broker (database alias "broker"); default: the broker uses Django's database.
 - MYAPP_DURABLE_PUBLISH (1 or 0), MYAPP_OUTBOX_RELAY_IN_WORKERS (1 or 0),
@@ -163,11 +165,20 @@ TASKS = {
     }
 }
 
+
+def _host_ports(value):
+    """Turn "host:port,host:port" into [[host, port], ...]; a bracketed IPv6 host keeps its colons."""
+    return [
+        [host.strip("[]"), int(port)] for host, _, port in (item.strip().rpartition(":") for item in value.split(","))
+    ]
+
+
 _BROKERS = {
     "redis": {
         "BACKEND": "myapp.brokers.redis.RedisBroker",
         "OPTIONS": {"url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")},
     },
+    "redis_cluster": {"BACKEND": "myapp.brokers.redis_cluster.RedisClusterBroker", "OPTIONS": {}},
     "postgres": {"BACKEND": "myapp.brokers.postgres.PostgresBroker", "OPTIONS": {}},
     "memory": {"BACKEND": "myapp.brokers.memory.MemoryBroker", "OPTIONS": {}},
 }
@@ -178,12 +189,11 @@ if _backend not in _BROKERS:
     raise ImproperlyConfigured(f"MYAPP_BROKER_BACKEND={_backend!r}: use one of {', '.join(_BROKERS)}")
 MYAPP_BROKER = _BROKERS[_backend]
 if _backend == "redis" and os.environ.get("REDIS_SENTINELS"):
-    # "host:port,host:port" -> [[host, port], ...]; a bracketed IPv6 host keeps its colons.
-    MYAPP_BROKER["OPTIONS"]["sentinels"] = [
-        [host.strip("[]"), int(port)]
-        for host, _, port in (item.strip().rpartition(":") for item in os.environ["REDIS_SENTINELS"].split(","))
-    ]
+    MYAPP_BROKER["OPTIONS"]["sentinels"] = _host_ports(os.environ["REDIS_SENTINELS"])
     MYAPP_BROKER["OPTIONS"]["service_name"] = os.environ.get("REDIS_SENTINEL_SERVICE", "mymaster")
+if _backend == "redis_cluster":
+    MYAPP_BROKER["OPTIONS"]["startup_nodes"] = _host_ports(os.environ.get("REDIS_CLUSTER_NODES", "127.0.0.1:7000"))
+    MYAPP_BROKER["OPTIONS"]["partitions"] = int(os.environ.get("REDIS_CLUSTER_PARTITIONS", "16"))
 if "MYAPP_HISTORY_LENGTH" in os.environ:  # events kept per channel (the broker's history_length)
     MYAPP_BROKER["OPTIONS"]["history_length"] = int(os.environ["MYAPP_HISTORY_LENGTH"])
 if _backend == "postgres":

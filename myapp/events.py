@@ -54,6 +54,8 @@ class Event:
     prev: the channel's previous position (int), known for events read from
         history (0 for the channel's first event, or when unknown): a replay
         from position p has a gap if its first event's ``prev`` is after p.
+    part: the broker partition whose order ``pos`` belongs to (int; always 0
+        with a single-order broker, see ``myapp.ids``).
 
     ``frame`` is the complete SSE frame (bytes), encoded once per process on
     first use and shared by every stream that carries the event; ``chunk``
@@ -61,14 +63,15 @@ class Event:
     (``myapp.sink``).
     """
 
-    __slots__ = ("channel", "pos", "event_type", "data", "prev", "_frame", "_chunk")
+    __slots__ = ("channel", "pos", "event_type", "data", "prev", "part", "_frame", "_chunk")
 
-    def __init__(self, channel, pos, event_type, data, prev=0):
+    def __init__(self, channel, pos, event_type, data, prev=0, part=0):
         self.channel = channel
         self.pos = pos
         self.event_type = event_type
         self.data = data
         self.prev = prev
+        self.part = part
         self._frame = None
         self._chunk = None
 

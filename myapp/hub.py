@@ -52,6 +52,7 @@ from myapp.counters import Counters
 from myapp.exceptions import BrokerUnavailable
 from myapp.hangups import Hangups
 from myapp.link import BrokerLink
+from myapp.partitions import MultiSubscription
 from myapp.presence import Tracker
 from myapp.registry import ProcessLocal
 from myapp.resume import TRIMMED
@@ -158,7 +159,9 @@ class Hub:
         self._channels = {}  # channel -> set of active Subscriptions (those receiving live events)
         self._subscriptions = set()  # every open subscription
         self._owners = Counter()
-        self.position = 0  # the newest broker position dispatched (int)
+        # The newest broker position dispatched, per partition (list of int;
+        # one entry for a single-order broker, see myapp.ids).
+        self.positions = [0] * broker.partitions
         slices = max(1, round(heartbeat_interval / HEARTBEAT_SLICE_SECONDS))
         self._slices = [set() for _ in range(slices)]
         self._next_slice = 0
@@ -277,9 +280,7 @@ class Hub:
         if not self.available(timeout):
             raise BrokerUnavailable("the broker is unreachable; the hub is reconnecting")
         channels = tuple(dict.fromkeys(channels))
-        subscription = Subscription(
-            channels, owner, queue_size=self.queue_size, lock=self._lock, leave=self._leave, counters=self.counters
-        )
+        subscription = self._subscription(channels, owner)
         link = self.link
         limited = owner is not None and self.max_streams_per_owner is not None
         elsewhere = self.presence.remote_streams(owner) if limited else 0
@@ -295,7 +296,7 @@ class Hub:
             if not last_event_id and confirmed:
                 # Fresh, on channels already held: every event after the hub's
                 # position reaches it live, so it needs no replay.
-                subscription.begin(self.position, None)
+                subscription.begin(subscription.cursor(self.positions), None)
                 self._activate(subscription)
             else:
                 link.pend(subscription, last_event_id)
@@ -312,6 +313,17 @@ class Hub:
         if subscription.closed is not None:
             raise BrokerUnavailable(f"the subscription was closed: {subscription.closed}")
         return subscription
+
+    def _subscription(self, channels, owner):
+        """A new ``Subscription`` for ``channels``, or a ``MultiSubscription`` if they span partitions."""
+        options = {"queue_size": self.queue_size, "lock": self._lock, "leave": self._leave, "counters": self.counters}
+        broker = self.broker
+        if broker.partitions == 1:
+            return Subscription(channels, owner, **options)
+        parts = sorted({broker.partition(channel) for channel in channels})
+        if len(parts) == 1:
+            return Subscription(channels, owner, part=parts[0], **options)
+        return MultiSubscription(channels, owner, parts=tuple(parts), **options)
 
     def attach(self, subscription, *, sink=None, sock=None):
         """Tell the hub about a started stream's socket.
@@ -442,20 +454,27 @@ class Hub:
                     self.counters.started(reset, len(events))
                     self._activate(subscription)
 
-    def reset_channels(self, channels, pos, *, backwards=False):
-        """Offer a TRIMMED reset at ``pos`` to every active stream on ``channels``.
+    def reset_channels(self, channels, positions, *, backwards=False):
+        """Offer a TRIMMED reset to every active stream on ``channels``, at ``positions``.
 
-        backwards: ``pos`` may be below what the streams sent (the broker's
+        positions: the position to go on from, per partition (list of int
+        indexed by partition, as ``positions``); a stream reading several
+        partitions resets in the partitions of ``channels`` only.
+        backwards: a position may be below what the streams sent (the broker's
         order went back, ``myapp.link.BrokerLink._check_order``).
         """
-        reset = Reset(TRIMMED, pos, backwards=backwards)
+        broker = self.broker
+        parts = {0} if broker.partitions == 1 else {broker.partition(channel) for channel in channels}
+        resets = {part: Reset(TRIMMED, positions[part], backwards=backwards, part=part) for part in parts}
         outcomes = []
         with self._lock:
             victims = {sub for channel in channels for sub in self._channels.get(channel, ())}
             for subscription in victims:
-                outcome = subscription.offer(reset)
-                if outcome is not None:
-                    outcomes.append((subscription, outcome))
+                for part in parts.intersection(subscription.parts):
+                    outcome = subscription.offer(resets[part])
+                    if outcome is not None:
+                        outcomes.append((subscription, outcome))
+                        break
             self.counters.reset(TRIMMED, len(victims) - len(outcomes))
         self._settle(outcomes)
 
@@ -465,11 +484,13 @@ class Hub:
         controls = None
         with self._lock:
             channels = self._channels
+            positions = self.positions
             for event in events:
                 pos = event.pos
-                if pos <= self.position:
+                part = event.part
+                if pos <= positions[part]:
                     continue  # already dispatched (history and live overlap after a reconnect)
-                self.position = pos
+                positions[part] = pos
                 holders = channels.get(event.channel)
                 if holders:
                     for subscription in holders:
@@ -526,7 +547,8 @@ class Hub:
                 outcomes = []
                 now = time.monotonic()
                 with self._lock:
-                    beat = Heartbeat(self.position)
+                    positions = self.positions
+                    beats = [None] * len(positions)  # built on first use, one per partition
                     for subscription in self._slices[index]:
                         deadline = subscription.deadline
                         if deadline is not None and now > deadline:
@@ -539,6 +561,13 @@ class Hub:
                         if subscription.fresh:
                             subscription.fresh = False  # it had bytes since its last heartbeat: none needed
                             continue
+                        part = subscription.part
+                        if part < 0:
+                            beat = positions  # a MultiSubscription takes every partition's
+                        else:
+                            beat = beats[part]
+                            if beat is None:
+                                beat = beats[part] = Heartbeat(positions[part])
                         outcome = subscription.offer(beat)
                         subscription.fresh = False  # the heartbeat itself does not count
                         if outcome is not None:

@@ -35,7 +35,7 @@ from collections import Counter, defaultdict
 from myapp.brokers.base import CONTROL_CHANNEL, Subscribed, Trimmed
 from myapp.exceptions import BrokerUnavailable
 from myapp.ids import format_id
-from myapp.resume import TRIMMED, holes, replay, start_position
+from myapp.resume import TRIMMED, holes, replay, replay_parts, start_position, start_positions
 
 __all__ = ["BrokerLink"]
 
@@ -174,10 +174,10 @@ class BrokerLink:
             if not self._positioned:
                 # The first connection starts from the broker's newest position;
                 # later ones catch up from the last position dispatched.
-                hub.position = broker.last_position()
+                hub.positions = list(broker.heads())
                 self._positioned = True
             else:
-                self._check_order(broker.last_position())
+                self._check_order(broker.heads())
             with self._lock:
                 channels = [*self._refs, CONTROL_CHANNEL]
                 self._confirmed.clear()
@@ -217,27 +217,34 @@ class BrokerLink:
         self._handle(buffered)
         self._activate_pending()
 
-    def _check_order(self, head):
-        """Handle a broker whose newest position ``head`` is behind what the hub already dispatched.
+    def _check_order(self, heads):
+        """Handle a broker whose newest position (``heads``, per partition) is behind what the hub dispatched.
 
         It lost writes the hub saw (a failover to a replica that had not
         received them, a restart from an older snapshot): later positions may
         repeat ones the streams already sent, and would be dropped as
-        duplicates. Every open stream gets a reset positioned at ``head``,
-        below what it sent (its browser reloads), and the hub goes on from
-        there, so nothing after it is skipped.
+        duplicates. Every open stream (of such a partition) gets a reset
+        positioned at the head, below what it sent (its browser reloads), and
+        the hub goes on from there, so nothing after it is skipped.
         """
-        hub = self.hub
-        if head >= hub.position:
+        hub, broker = self.hub, self.broker
+        behind = [part for part, head in enumerate(heads) if head < hub.positions[part]]
+        if not behind:
             return
-        log.warning(
-            "hub: the broker's newest position %s is behind the %s this hub dispatched (it lost writes); "
-            "every stream resets",
-            format_id(head),
-            format_id(hub.position),
-        )
-        hub.reset_channels(hub.active_channels(), head, backwards=True)
-        hub.position = head
+        for part in behind:
+            log.warning(
+                "hub: the broker's newest position %s (partition %d) is behind the %s this hub dispatched "
+                "(it lost writes); its streams reset",
+                format_id(heads[part]),
+                part,
+                format_id(hub.positions[part]),
+            )
+        channels = hub.active_channels()
+        if broker.partitions > 1:
+            channels = {channel for channel in channels if broker.partition(channel) in behind}
+        hub.reset_channels(channels, heads, backwards=True)
+        for part in behind:
+            hub.positions[part] = heads[part]
 
     def _catch_up(self, channels):
         """Dispatch what the active streams' channels missed while the hub was away; return how many events.
@@ -247,17 +254,18 @@ class BrokerLink:
         history the reset covers, every later one still reaches them.
         """
         hub, broker = self.hub, self.broker
-        position = hub.position
-        head = max(position, broker.last_position())
-        history = broker.history(channels, position)
-        lost = holes(history, position, channels)
+        positions = list(hub.positions)
+        heads = [max(pair) for pair in zip(positions, broker.heads(), strict=True)]
+        after = _after(positions)
+        history = broker.history(channels, after)
+        lost = holes(history, after, channels)
         if lost:
             log.warning(
                 "hub: %d channels lost events while the broker was unreachable%s; their streams reset",
                 len(lost),
-                " (the broker lost its data)" if history.epoch > position else "",
+                " (the broker lost its data)" if type(after) is int and history.epoch > after else "",
             )
-            hub.reset_channels(lost, head)
+            hub.reset_channels(lost, heads)
         hub.dispatch(history.events)
         return len(history.events)
 
@@ -301,7 +309,10 @@ class BrokerLink:
                 hub.dispatch(batch)
                 batch = []
                 # The event at item.pos cannot be read any more: its streams skip it after a reset.
-                hub.reset_channels([item.channel], max(item.pos, hub.position))
+                positions = list(hub.positions)
+                part = self.broker.partition(item.channel)
+                positions[part] = max(item.pos, positions[part])
+                hub.reset_channels([item.channel], positions)
             else:
                 batch.append(item)
         if batch:
@@ -351,11 +362,15 @@ class BrokerLink:
             # Channels are confirmed: every event after this head arrives live,
             # and the history read below covers the head up to the read.
             broker = self.broker
-            head = max(self.hub.position, broker.last_position())
+            heads = [max(pair) for pair in zip(self.hub.positions, broker.heads(), strict=True)]
             ttl_ms = broker.history_ttl * 1000
-            starts = [start_position(last_event_id, head=head, ttl_ms=ttl_ms) for _, last_event_id in ready]
+            starts = [_start(sub, last_event_id, heads, ttl_ms) for sub, last_event_id in ready]
             channels = {channel for sub, _ in ready for channel in sub.channels}
-            history = broker.history(channels, min(start for start, _ in starts))
+            after = list(heads)  # per partition, the earliest start of a stream reading it
+            for (sub, _), (start, _) in zip(ready, starts, strict=True):
+                for part in sub.parts:
+                    after[part] = min(after[part], start if type(start) is int else start[part])
+            history = broker.history(channels, _after(after))
         except BaseException:
             with self._lock:
                 self._pending.extend(ready)  # retried after the reconnection
@@ -365,9 +380,26 @@ class BrokerLink:
             by_channel[event.channel].append(event)
         plans = []
         for (sub, _), (start, reset) in zip(ready, starts, strict=True):
-            events = replay(sub.channels, by_channel, start, history.epoch)
+            events = self._replay(sub, by_channel, start, history.epoch)
             if events is None:
-                start, reset = head, TRIMMED
-                events = replay(sub.channels, by_channel, start, history.epoch)
+                start, reset = sub.cursor(heads), TRIMMED
+                events = self._replay(sub, by_channel, start, history.epoch)
             plans.append((sub, start, reset, events))
         self.hub.start_all(plans)
+
+    def _replay(self, sub, by_channel, start, epoch):
+        if type(start) is int:
+            return replay(sub.channels, by_channel, start, epoch[sub.part] if type(epoch) is tuple else epoch)
+        return replay_parts(sub.channels, self.broker.partition, by_channel, start, epoch)
+
+
+def _start(sub, last_event_id, heads, ttl_ms):
+    """``(start, reset)`` of ``sub`` (``myapp.resume``): an int for one partition, a dict for several."""
+    if len(sub.parts) == 1:
+        return start_position(last_event_id, head=heads[sub.part], ttl_ms=ttl_ms)
+    return start_positions(last_event_id, heads=heads, parts=sub.parts, ttl_ms=ttl_ms)
+
+
+def _after(positions):
+    """What ``Broker.history`` takes for the hub's ``positions``: an int for one partition, else a tuple."""
+    return positions[0] if len(positions) == 1 else tuple(positions)

@@ -31,7 +31,6 @@ import time
 
 from myapp import sse
 from myapp.events import OPEN_EVENT, RESET_EVENT
-from myapp.ids import format_id
 from myapp.subscription import DISCONNECTED, LIFETIME, closing_frame
 
 __all__ = ["open_stream", "Stream"]
@@ -54,7 +53,7 @@ def open_stream(hub, channels, last_event_id=None, *, owner=None, retry_ms=2000,
     """
     subscription = hub.subscribe(channels, last_event_id=last_event_id, owner=owner)
     retry = random.randint(retry_ms, 2 * retry_ms)
-    start = format_id(subscription.start)
+    start = subscription.start_id
     if subscription.reset is not None:
         first = sse.encode(json.dumps({"reason": subscription.reset}), event=RESET_EVENT, id=start, retry=retry)
     else:

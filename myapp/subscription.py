@@ -119,14 +119,15 @@ class Heartbeat:
 
     A ``stream.position`` block without data, with ``id: <pos>`` only for a
     stream that has not been handed ``pos`` yet (an id never moves back).
-    Encoded once per heartbeat slice and shared.
+    Encoded once per heartbeat slice (and partition) and shared. ``id``
+    (str) replaces ``format_id(pos)`` (``MultiSubscription``'s own ids).
     """
 
     __slots__ = ("pos", "frame", "chunk")
 
-    def __init__(self, pos):
+    def __init__(self, pos, id=None):
         self.pos = pos
-        self.frame = sse.encode(event=POSITION_EVENT, id=format_id(pos))
+        self.frame = sse.encode(event=POSITION_EVENT, id=format_id(pos) if id is None else id)
         self.chunk = chunk(self.frame)
 
     def wire(self, sent, chunked):
@@ -143,15 +144,19 @@ class Reset:
     the stream skips everything at or before ``pos``. ``backwards`` lets
     ``pos`` move the stream's position down (the broker's order went back,
     see ``myapp.hub.Hub._check_order``); otherwise it never moves down.
+    ``part`` is the broker partition of ``pos`` (0 with a single-order
+    broker); ``id`` (str) replaces ``format_id(pos)``.
     """
 
-    __slots__ = ("reason", "pos", "frame", "chunk", "backwards")
+    __slots__ = ("reason", "pos", "frame", "chunk", "backwards", "part")
 
-    def __init__(self, reason, pos, *, backwards=False):
+    def __init__(self, reason, pos, *, backwards=False, part=0, id=None):
         self.reason = reason
         self.pos = pos
         self.backwards = backwards
-        self.frame = sse.encode(json.dumps({"reason": reason}), event=RESET_EVENT, id=format_id(pos))
+        self.part = part
+        wire_id = format_id(pos) if id is None else id
+        self.frame = sse.encode(json.dumps({"reason": reason}), event=RESET_EVENT, id=wire_id)
         self.chunk = chunk(self.frame)
 
     def wire(self, sent, chunked):
@@ -171,6 +176,9 @@ class Subscription:
         ``close``).
     counters: the hub's ``myapp.counters.Counters``, where ``offer`` counts
         the events it writes or queues (None: counters of its own).
+    part: the broker partition all ``channels`` belong to (int, 0 with a
+        single-order broker); ``parts`` is ``(part,)``. A stream whose
+        channels span partitions is a ``myapp.partitions.MultiSubscription``.
 
     ``start`` is the position the stream starts from (int) and ``reset``
     the reason it could not resume from its Last-Event-ID (a str), or None;
@@ -186,6 +194,8 @@ class Subscription:
 
     __slots__ = (
         "channels",
+        "part",
+        "parts",
         "owner",
         "start",
         "reset",
@@ -211,8 +221,10 @@ class Subscription:
         "_counters",
     )
 
-    def __init__(self, channels, owner, *, queue_size, lock, leave, counters=None):
+    def __init__(self, channels, owner, *, queue_size, lock, leave, counters=None, part=0):
         self.channels = channels
+        self.part = part
+        self.parts = (part,)
         self.owner = owner
         self.start = 0
         self.reset = None
@@ -293,7 +305,16 @@ class Subscription:
         """Leave the hub, closed with ``reason`` (one of the reasons above). Safe to call twice."""
         self._leave(self, reason)
 
+    @property
+    def start_id(self):
+        """The id (str) of the position the stream starts from (its first block's id)."""
+        return format_id(self.start)
+
     # -- the hub's side (call with the hub's lock held) -------------------------
+
+    def cursor(self, positions):
+        """The start ``begin`` takes for a stream starting at ``positions`` (the hub's, one per partition)."""
+        return positions[self.part]
 
     def begin(self, start, reset, replay=()):
         """Start at position ``start`` (int), after ``reset`` (a reason, or None), with ``replay`` queued.

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from scripts.servers import EmbeddedPostgres, EmbeddedValkey
+from scripts.servers import EmbeddedPostgres, EmbeddedValkey, ValkeyCluster
 from tests.stack import LiveStack
 
 
@@ -36,6 +36,14 @@ def valkey_server(tmp_path_factory):
     server = EmbeddedValkey(tmp_path_factory.mktemp("valkey")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory):
+    """A Redis Cluster of 3 Valkey primaries for the session (scripts/servers.py ``ValkeyCluster``)."""
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +101,22 @@ def redis_broker(settings, valkey_server):
 
 
 @pytest.fixture
+def redis_cluster_broker(settings, valkey_cluster):
+    """The process's broker switched to Redis Cluster on the test cluster, with a unique key prefix."""
+    from myapp.brokers import get_broker
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    _broker_settings(
+        settings,
+        {
+            "BACKEND": "myapp.brokers.redis_cluster.RedisClusterBroker",
+            "OPTIONS": {"startup_nodes": valkey_cluster.startup_nodes, "key_prefix": prefix},
+        },
+    )
+    return get_broker()
+
+
+@pytest.fixture
 def postgres_broker(settings, transactional_db):
     """The process's broker switched to PostgreSQL (needs committed transactions)."""
     from myapp.brokers import get_broker
@@ -101,7 +125,7 @@ def postgres_broker(settings, transactional_db):
     return get_broker()
 
 
-BACKENDS = ["memory", "redis", "postgres"]
+BACKENDS = ["memory", "redis", "redis_cluster", "postgres"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,4 +1,8 @@
-"""The broker contract: the same assertions over the memory, Redis and PostgreSQL backends."""
+"""The broker contract: the same assertions over the memory, Redis, Redis Cluster and PostgreSQL backends.
+
+Positions compare within a partition (``myapp.ids``): every backend but Redis
+Cluster has one, so there the ordering assertions span all channels.
+"""
 
 import json
 
@@ -41,6 +45,15 @@ class Collector:
         return self.events
 
 
+def per_channel(broker, rows):
+    """``rows`` (tuples starting with a channel) as they are, or grouped by channel on a partitioned broker.
+
+    Events of two partitions reach a listener over two node connections, in no
+    order between them; within a channel (a partition) the order holds.
+    """
+    return rows if broker.partitions == 1 else sorted(rows, key=lambda row: row[0])
+
+
 @pytest.fixture
 def collector(broker):
     listener = broker.listener("!hub:contract")
@@ -55,7 +68,7 @@ def test_publish_reaches_subscribed_channels_only(broker, collector):
     pos_a = broker.publish("room:a", "greeting", '"hello"')
     pos_b = broker.publish("room:b", "greeting", '"hi"')
     events = collector.wait_events(2)
-    assert [(e.channel, e.pos, e.event_type, e.data) for e in events] == [
+    assert per_channel(broker, [(e.channel, e.pos, e.event_type, e.data) for e in events]) == [
         ("room:a", pos_a, "greeting", '"hello"'),
         ("room:b", pos_b, "greeting", '"hi"'),
     ]
@@ -72,14 +85,26 @@ def test_unsubscribe_stops_delivery(broker, collector):
     assert [e.data for e in collector.events] == ["kept"]
 
 
+def same_partition(broker, channel):
+    """Another channel name in ``channel``'s partition ("room:b" on a broker with one partition)."""
+    for n in range(10_000):
+        other = f"room:b{n}" if n else "room:b"
+        if broker.partition(other) == broker.partition(channel):
+            return other
+    raise AssertionError("no channel found in the same partition")
+
+
 def test_positions_increase_in_delivery_order_across_channels(broker, collector):
-    """Positions grow strictly, per channel and across channels, in the order listeners receive them."""
-    collector.subscribe("room:a", "room:b")
-    published = [broker.publish("room:a" if n % 3 else "room:b", "t", str(n)) for n in range(30)]
+    """Positions grow strictly, per channel and across the channels of a partition, in the order listeners
+    receive them."""
+    other = same_partition(broker, "room:a")
+    collector.subscribe("room:a", other)
+    published = [broker.publish("room:a" if n % 3 else other, "t", str(n)) for n in range(30)]
     events = collector.wait_events(30)
     assert [e.pos for e in events] == published
     assert published == sorted(set(published))
-    assert broker.last_position() == published[-1]
+    assert broker.heads()[broker.partition("room:a")] == published[-1]
+    assert {e.part for e in events} == {broker.partition("room:a")}
     assert [e.data for e in events] == [str(n) for n in range(30)]
 
 
@@ -188,19 +213,26 @@ def test_postgres_data_error_is_invalid_event_not_an_outage(postgres_broker):
 
 
 def test_history_after_a_position(broker):
-    """history() returns each channel's events after a position, merged in position order."""
+    """history() returns each channel's events after a position (on Redis Cluster, one per partition),
+    merged in position order."""
+    heads = broker.heads()
     first = broker.publish("room:a", "t", "1")
     second = broker.publish("room:b", "t", "2")
     third = broker.publish("room:a", "t", "3")
-    history = broker.history(["room:a", "room:b", "room:none"], first)
-    assert [(e.channel, e.pos, e.data) for e in history.events] == [("room:b", second, "2"), ("room:a", third, "3")]
+    after = first
+    if broker.partitions > 1:  # room:a after its first event, the other partitions after their heads before it
+        after = [first if part == broker.partition("room:a") else head for part, head in enumerate(heads)]
+    history = broker.history(["room:a", "room:b", "room:none"], after)
+    assert per_channel(broker, [(e.channel, e.pos, e.data) for e in history.events]) == per_channel(
+        broker, [("room:b", second, "2"), ("room:a", third, "3")]
+    )
     assert history.trimmed == frozenset()
     assert broker.history(["room:a"], third).events == []
 
 
 #: Events a backend may keep beyond history_length: Redis trims its streams in whole nodes
 #: (``MAXLEN ~``, stream-node-max-entries 100); the memory and PostgreSQL backends trim exactly.
-TRIM_SLACK = {"memory": 0, "postgres": 0, "redis": 100}
+TRIM_SLACK = {"memory": 0, "postgres": 0, "redis": 100, "redis_cluster": 100}
 
 
 def test_history_length_bounds_and_reports_trimming(broker, request):
@@ -237,7 +269,8 @@ def test_publisher_ids_are_scoped_to_their_channel(broker, collector):
     second = broker.publish("a:b", "t", "two", idempotency_key="c")
     third = broker.publish("a:b", "t", "three", idempotency_key="b:c")
     assert len({first, second, third}) == 3
-    assert [e.data for e in collector.wait_events(3)] == ["one", "two", "three"]
+    delivered = [(e.channel, e.data) for e in collector.wait_events(3)]
+    assert per_channel(broker, delivered) == [("a", "one"), ("a:b", "two"), ("a:b", "three")]
 
 
 def test_redis_history_after_a_data_loss_reports_every_channel_trimmed(redis_broker):
@@ -273,12 +306,16 @@ def test_marker_comes_back_with_a_position(broker):
     """A listener's marker takes a position and returns through that same listener."""
     listener = broker.listener("!hub:marker-test")
     try:
-        before = broker.last_position()
+        before = broker.heads()
         listener.publish_marker()
         seen = []
-        wait_until(lambda: seen.extend(i for i in listener.wait(0.05) if isinstance(i, Event)) or seen)
-        assert seen[0].channel == "!hub:marker-test"
-        assert seen[0].pos > before
+
+        def returned():
+            seen.extend(i for i in listener.wait(0.05) if isinstance(i, Event) and i.channel == "!hub:marker-test")
+            return seen
+
+        (marker,) = wait_until(returned)
+        assert marker.pos > before[marker.part]
     finally:
         listener.close()
 
@@ -320,16 +357,44 @@ def test_streams_share_the_subscription_and_clean_up(broker, hub_factory):
 
 
 def test_stream_resumes_each_channel_from_one_id(broker, hub_factory):
-    """A stream carrying two channels replays both from one Last-Event-ID, in order, without duplicates."""
+    """A stream carrying two channels (on Redis Cluster, of two partitions) replays both from one Last-Event-ID,
+    in order per channel, without duplicates; then it goes on live."""
     hub = hub_factory(broker)
-    last_seen = broker.publish("room:a", "t", "seen")
-    missed = [broker.publish("room:b" if n % 2 else "room:a", "t", f"missed {n}") for n in range(4)]
-    stream = open_stream(hub, ("room:a", "room:b"), format_id(last_seen))
+    channels = ("room:a", "room:b")
+    if broker.partitions > 1:
+        assert broker.partition("room:a") != broker.partition("room:b"), "the test needs two partitions"
+    first = open_stream(hub, channels)
+    frames = iter(first)
     parser = SSEParser()
-    messages = parser.feed(next(iter(stream)))
-    assert [m.type for m in messages] == ["stream.open"] + ["t"] * 4
-    assert [m.data for m in messages[1:]] == [f"missed {n}" for n in range(4)]
-    assert [parse(m.last_event_id) for m in messages[1:]] == missed
+    parser.feed(next(frames))
+    broker.publish("room:b", "t", "seen b")
+    broker.publish("room:a", "t", "seen a")
+    seen = []
+    while len(seen) < 2:
+        seen += [m for m in parser.feed(next(frames)) if m.type == "t"]
+    first.close()
+    last_event_id = seen[-1].last_event_id
+    missed = [(channel, f"missed {n}", broker.publish(channel, "t", f"missed {n}")) for n, channel in
+              enumerate(["room:a", "room:b"] * 3)]  # fmt: skip
+    stream = open_stream(hub, channels, last_event_id)
+    frames = iter(stream)
+    parser = SSEParser()
+    messages = parser.feed(next(frames))
+    assert [m.type for m in messages] == ["stream.open"] + ["t"] * 6
+    received = [m.data for m in messages[1:]]
+    assert sorted(received) == sorted(data for _, data, _ in missed), "each once"
+    for channel in channels:
+        of_channel = [data for name, data, _ in missed if name == channel]
+        assert [data for data in received if data in of_channel] == of_channel, "in order per channel"
+    if broker.partitions == 1:
+        assert [parse(m.last_event_id) for m in messages[1:]] == [pos for _, _, pos in missed]
+    broker.publish("room:b", "t", "live")
+    wire = b""
+    while b"data: live" not in wire:
+        wire += next(frames)
+    resumed = open_stream(hub, channels, parser.feed(wire)[-1].last_event_id)
+    assert [m.type for m in SSEParser().feed(next(iter(resumed)))] == ["stream.open"], "nothing after the live one"
+    resumed.close()
     stream.close()
 
 

@@ -166,7 +166,7 @@ def test_unknown_backend_env_fails_at_start_up(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0
-    assert "MYAPP_BROKER_BACKEND='rabbit': use one of redis, postgres, memory" in result.stderr
+    assert "MYAPP_BROKER_BACKEND='rabbit': use one of redis, redis_cluster, postgres, memory" in result.stderr
 
 
 def _gunicorn(tmp_path, *args, **extra):

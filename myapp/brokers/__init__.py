@@ -4,6 +4,7 @@
 Django's convention (as ``STORAGES`` and ``TASKS``). Shipped backends:
 
 - ``myapp.brokers.redis.RedisBroker`` (default): Redis or Valkey pub/sub;
+- ``myapp.brokers.redis_cluster.RedisClusterBroker``: Redis Cluster, sharded pub/sub;
 - ``myapp.brokers.postgres.PostgresBroker``: PostgreSQL LISTEN/NOTIFY;
 - ``myapp.brokers.memory.MemoryBroker``: one process only (tests, runserver).
 """
@@ -45,7 +46,8 @@ def load_broker(config):
     except ImportError as error:
         raise BrokerConfigurationError(
             f"MYAPP_BROKER BACKEND {path!r} cannot be imported ({error}); use one of "
-            "'myapp.brokers.redis.RedisBroker', 'myapp.brokers.postgres.PostgresBroker', "
+            "'myapp.brokers.redis.RedisBroker', 'myapp.brokers.redis_cluster.RedisClusterBroker', "
+            "'myapp.brokers.postgres.PostgresBroker', "
             "'myapp.brokers.memory.MemoryBroker' or your own Broker subclass"
         ) from None
     if not (isinstance(backend, type) and issubclass(backend, Broker)):

@@ -61,6 +61,20 @@ class Waker:
             self._drain()
         return fd in readable
 
+    def wait_any(self, fds, timeout):
+        """Wait until one of ``fds`` is readable, ``wakeup`` is called, or ``timeout`` seconds pass.
+
+        timeout: seconds (float), or None to wait without limit. Return the
+        readable ones among ``fds`` (list). ``select.select`` waits (gevent's
+        cooperative one once gevent patched the process): it sets up watchers
+        on every call, which a listener on a few connections can afford.
+        """
+        readable, _, _ = select.select([*fds, self._read], [], [], timeout)
+        if self._read in readable:
+            self._drain()
+            readable.remove(self._read)
+        return readable
+
     def _wait_gevent(self, fd, timeout):
         from gevent.hub import Waiter
 

@@ -14,6 +14,12 @@ see ``myapp.brokers.load_broker``):
 4. ``listener``: open one subscriber connection, owned by the process's hub
    greenlet (``myapp.hub``); never one per browser.
 
+A *partitioned* broker (Redis Cluster) keeps one such order per partition, a
+fixed group of channels (``partitions``, ``partition``): positions compare
+only within a partition, ``heads`` gives each partition's newest, and
+``history`` takes a position per partition. Every other backend has one
+partition, 0, so its positions form one broker-wide order.
+
 A broker object is created once per process (``myapp.brokers.get_broker``)
 with the keyword-only ``OPTIONS`` of ``MYAPP_BROKER``. Its constructor checks
 the options and must not do I/O: connections open on first use, after gevent
@@ -49,6 +55,9 @@ class History(NamedTuple):
         while it never lost its data, else the position at which it started
         again (e.g. a Redis server restarted without persistence). Every
         channel counts as trimmed for a position between 0 and the epoch.
+        A partitioned broker gives a tuple, one epoch per partition, and
+        counts the channels of a partition that lost its data in
+        ``trimmed`` itself.
     """
 
     events: list
@@ -101,6 +110,20 @@ class Broker(abc.ABC):
     #: start-up that it implements every abstract method.
     listener_class = None
 
+    #: Independent position orders (int >= 1); see ``partition``.
+    partitions = 1
+
+    def partition(self, channel):
+        """Return the partition (int in ``range(partitions)``) whose order ``channel``'s events take."""
+        return 0
+
+    def heads(self):
+        """Return the newest position of each partition (list of int indexed by partition).
+
+        One partition: ``[last_position()]``. Raise BrokerUnavailable on failure.
+        """
+        return [self.last_position()]
+
     def __init__(self, *, history_length=1000, history_ttl=3600.0):
         self.history_length = positive_int("history_length", history_length, unit="events per channel")
         self.history_ttl = seconds("history_ttl", history_ttl)
@@ -130,6 +153,9 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def history(self, channels, after):
         """Return the ``History`` of ``channels`` (iterable of str) after position ``after`` (int).
+
+        A partitioned broker also takes a sequence of int indexed by
+        partition: each channel's events after its partition's entry.
 
         At most ``history_length`` events per channel. Raise BrokerUnavailable
         on failure.

@@ -136,19 +136,36 @@ return {known, id}
 """
 
 
-def _unavailable(error):
+def unavailable(error):
+    """The BrokerUnavailable for a redis-py (or socket) error."""
     return BrokerUnavailable(f"Redis: {error.__class__.__name__}: {error}")
+
+
+def channel_events(channel, entries, part=0):
+    """The ``Event`` objects of one channel's history entries (XRANGE replies of ``h:<channel>``)."""
+    return [
+        Event(
+            channel,
+            parse(raw_id.decode()),
+            fields[b"t"].decode(),
+            fields[b"d"].decode(),
+            parse(fields[b"p"].decode()),
+            part,
+        )
+        for raw_id, fields in entries
+    ]
 
 
 class _SentinelBlockingPool(SentinelConnectionPool, redis.BlockingConnectionPool):
     """redis-py's Sentinel pool (finds the primary on connect) with the blocking pool's bound and timeout."""
 
 
-def _sentinel_addresses(value):
-    """Return ``value`` as a list of ``(host, port)``; raise BrokerConfigurationError unless it is a list of pairs."""
-    fix = "a non-empty list of [host, port] pairs, e.g. [['10.0.0.1', 26379], ['10.0.0.2', 26379]]"
+def addresses(name, value, port=26379):
+    """Return option ``name``'s ``value`` as a list of ``(host, port)``; raise BrokerConfigurationError unless
+    it is a non-empty list of [host, port] pairs (``port`` is the example's)."""
+    fix = f"a non-empty list of [host, port] pairs, e.g. [['10.0.0.1', {port}], ['10.0.0.2', {port}]]"
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
-        raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS sentinels must be {fix}, got {value!r}")
+        raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS {name} must be {fix}, got {value!r}")
     addresses = []
     for pair in value:
         if (
@@ -159,7 +176,7 @@ def _sentinel_addresses(value):
             or type(pair[1]) is not int
             or not 0 < pair[1] < 65536
         ):
-            raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS sentinels must be {fix}; {pair!r} is not one")
+            raise BrokerConfigurationError(f"MYAPP_BROKER OPTIONS {name} must be {fix}; {pair!r} is not one")
         addresses.append((pair[0], pair[1]))
     return addresses
 
@@ -242,7 +259,8 @@ class RedisBroker(Broker):
         }
         self.url = url
         self.prefix = key_prefix
-        self.sentinels = None if sentinels is None else _sentinel_addresses(sentinels)
+        self._presence_prefix = key_prefix
+        self.sentinels = None if sentinels is None else addresses("sentinels", sentinels)
         self.service_name = text("service_name", service_name)
         if not self.service_name:
             raise BrokerConfigurationError(
@@ -332,7 +350,7 @@ class RedisBroker(Broker):
         try:
             raw = self._script(keys=keys, args=args)
         except (redis.RedisError, OSError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         return parse(raw.decode())
 
     def publish(self, channel, event_type, data, *, idempotency_key=None):
@@ -359,7 +377,7 @@ class RedisBroker(Broker):
         try:
             head, _ = self._position_script(keys=self._head_keys)
         except (redis.RedisError, OSError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         return parse(head.decode()) or 0
 
     def history(self, channels, after):
@@ -376,24 +394,21 @@ class RedisBroker(Broker):
             if raw_epoch is None:  # no history at all (lost, nothing published since): start an epoch
                 _, raw_epoch = self._position_script(keys=self._head_keys)
         except (redis.RedisError, OSError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         epoch = parse(raw_epoch.decode()) or 0
         events, trimmed = [], set()
         for channel, entries in zip(channels, results, strict=True):
-            for raw_id, fields in entries:
-                prev = parse(fields[b"p"].decode())
-                events.append(
-                    Event(channel, parse(raw_id.decode()), fields[b"t"].decode(), fields[b"d"].decode(), prev)
-                )
+            retained = channel_events(channel, entries)
             # Before the epoch the server lost its data: whatever the channel
             # had after ``after`` is gone, entries or not.
-            if 0 < after < epoch or (entries and events[-len(entries)].prev > after):
+            if 0 < after < epoch or (retained and retained[0].prev > after):
                 trimmed.add(channel)
+            events.extend(retained)
         events.sort(key=lambda event: event.pos)
         return History(events, frozenset(trimmed), epoch)
 
     def presence_update(self, hub_id, counts, ttl):
-        prefix = self.prefix
+        prefix = self._presence_prefix
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 for (key, member), count in counts.items():
@@ -407,10 +422,10 @@ class RedisBroker(Broker):
                 pipe.set(prefix + "live:" + hub_id, "1", px=max(1, int(ttl * 1000)))
                 pipe.execute()
         except (redis.RedisError, OSError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
 
     def presence_read(self, key, *, exclude=None):
-        prefix = self.prefix
+        prefix = self._presence_prefix
         try:
             raw = self._client.hgetall(prefix + "pr:" + key)
             if not raw:
@@ -426,7 +441,7 @@ class RedisBroker(Broker):
             if dead:
                 self._client.hdel(prefix + "pr:" + key, *dead)
         except (redis.RedisError, OSError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         totals = {}
         for hub, member, count in entries:
             if hub in alive and hub != exclude:
@@ -468,7 +483,7 @@ class RedisListener(Listener):
             self._command("SUBSCRIBE", [hub_channel])
         except (redis.RedisError, OSError, AttributeError) as error:
             self.close()
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
 
     def _command(self, verb, channels):
         names = [self._channel_prefix + channel for channel in channels]
@@ -476,7 +491,7 @@ class RedisListener(Listener):
             for start in range(0, len(names), 1000):
                 self._conn.send_command(verb, *names[start : start + 1000], check_health=False)
         except (redis.RedisError, OSError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
 
     def subscribe(self, channels):
         self._command("SUBSCRIBE", channels)
@@ -513,7 +528,7 @@ class RedisListener(Listener):
         except (BlockingIOError, TimeoutError):
             return []
         except (OSError, ValueError) as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         if not data:
             raise BrokerUnavailable("Redis: the server closed the subscriber connection")
         self._reader.feed(data)
