@@ -40,7 +40,7 @@ def valkey_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def valkey_cluster(tmp_path_factory):
-    """A Redis Cluster of 3 Valkey primaries for the session (scripts/servers.py ``ValkeyCluster``)."""
+    """A Redis Cluster of 3 Valkey primaries for the session (scripts/servers ``ValkeyCluster``)."""
     cluster = ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster")).start()
     yield cluster
     cluster.stop()

@@ -3,7 +3,7 @@
 Two independent gunicorn masters (each its own port and var directory, one
 gevent worker each) share one Valkey server (the broker) and one PostgreSQL
 database (users, sessions), with one DJANGO_SECRET_KEY, behind nginx
-(scripts/servers.py: round-robin, default buffering, which the stream view's
+(scripts/servers/nginx.py: round-robin, default buffering, which the stream view's
 ``X-Accel-Buffering: no`` turns off for streams). Clients talk to nginx only;
 it names the host that answered each request in ``X-Upstream``. The hosts
 then fail: killed (SIGKILL) or frozen (SIGSTOP), while clients stream and

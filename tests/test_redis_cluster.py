@@ -2,7 +2,7 @@
 while events flow, and the live stack on a cluster.
 
 The contract suite (tests/test_brokers.py) runs over this backend too. The
-cluster here is 3 Valkey primaries (scripts/servers.py ``ValkeyCluster``);
+cluster here is 3 Valkey primaries (scripts/servers ``ValkeyCluster``);
 the failover test adds a replica each and, as tests/test_sentinel.py does,
 cuts one replica off before its primary dies so the loss is certain.
 """

@@ -1,4 +1,4 @@
-"""scripts/run.py and scripts/servers.py: the README's run command stops what it started; PostgreSQL durability."""
+"""scripts/run.py and scripts/servers/: the README's run command stops what it started; PostgreSQL durability."""
 
 import os
 import signal

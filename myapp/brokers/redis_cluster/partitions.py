@@ -9,7 +9,7 @@ Every key and shard channel of partition ``p`` carries the hash tag
 specification, "Hash tags"). ``n`` is the smallest number that puts the
 slot in the ``p``-th of ``partitions`` equal ranges of the 16384 slots:
 with nodes that own equal contiguous ranges (what ``valkey-cli --cluster
-create`` and scripts/servers.py's ``ValkeyCluster`` assign), the partitions
+create`` and scripts/servers' ``ValkeyCluster`` assign), the partitions
 spread evenly over the nodes, where plain tags ``{0}..{N}`` would cluster
 on some. The partition count is part of the tag, so changing it never
 mixes two mappings in one key.
